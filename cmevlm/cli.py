@@ -1,0 +1,173 @@
+"""The `cmevlm` command: one subcommand per stage or tool, each a thin call into the library.
+
+    cmevlm --help
+    cmevlm synth --out data/synth --procedures 12
+    cmevlm tiny-model --out runs/demo/models/base
+    cmevlm config --set data.image_size=224          # print the resolved run config
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("cmevlm")
+
+# Settings for this stack that must be in place before torch or Ray start (see PITFALLS.md):
+# tiny models slow down 100x with two threads on two busy cores; Ray must not phone home.
+ENV_DEFAULTS = {
+    "OMP_NUM_THREADS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", default=None, help="run config YAML (default: configs/demo.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        help="override a config key; VALUE is YAML (repeatable), e.g. --set data.image_size=224",
+    )
+
+
+def _load(args):
+    from cmevlm.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_config(args) -> int:
+    from cmevlm.config import dump_config
+
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from tqdm import tqdm
+
+    from cmevlm.data.synth import write_dataset
+
+    total = args.procedures * args.frames_per_procedure
+    with tqdm(total=total, desc="synth", unit="frame", disable=args.quiet) as bar:
+        counts = write_dataset(
+            args.out, procedures=args.procedures, frames_per_procedure=args.frames_per_procedure,
+            sites=args.sites, seed=args.seed, progress=lambda: bar.update(1),
+        )
+    log.info("wrote %(procedures)d procedures, %(frames)d frames, %(masks)d masks", counts)
+    print(f"{args.out}: {counts['procedures']} procedures, {counts['frames']} frames, {counts['masks']} masks")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from cmevlm.model.tiny import build_tiny_model
+
+    corpus = Path(args.corpus).read_text().splitlines() if args.corpus else None
+    out = build_tiny_model(args.out, seed=args.seed, corpus=corpus, max_pixels=args.image_tokens * 28 * 28)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    print(f"{out}: tiny Qwen2.5-VL, {args.image_tokens} image tokens, {size / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cmevlm import demo
+
+    cfg = _load(args)
+    if args.workdir:
+        cfg = _rebase(cfg, args.workdir)
+    summary = demo.run(cfg, procedures=args.procedures, frames_per_procedure=args.frames_per_procedure)
+    print(f"demo: done in {cfg.workdir}: {summary}")
+    return 0
+
+
+def _rebase(cfg, workdir: str):
+    """Move every path of the demo config that lives under its workdir to `workdir`."""
+    old = cfg.workdir.rstrip("/")
+    move = lambda p: workdir + p[len(old):] if p == old or p.startswith(old + "/") else p  # noqa: E731
+    cfg.workdir = workdir
+    cfg.model.base = move(cfg.model.base)
+    for s in cfg.sources:
+        s.uri = move(s.uri)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmevlm",
+        description="Train a local surgical vision-language model for Complete Mesocolic Excision: "
+        "a cloud teacher that sees only text and binary masks, SFT and DPO of Qwen2.5-VL on Ray, "
+        "evaluation, and serving inside the hospital.",
+        epilog="Every stage takes --config FILE and repeatable --set KEY=VALUE. `cmevlm SUBCOMMAND --help` for details.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    p = sub.add_parser("config", help="print the resolved run config (YAML) after --set overrides",
+                       description="Load a run config, apply --set overrides, validate, and print it.")
+    _config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("synth", help="write a synthetic CME dataset (frames, masks, procedures.csv)",
+                       description="Write synthetic laparoscopic CME frames with masks of the five structures, "
+                       "in the cmevlm source layout. Deterministic per seed.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--procedures", type=int, default=12, help="number of procedures (default 12)")
+    p.add_argument("--frames-per-procedure", type=int, default=30, help="frames per procedure (default 30)")
+    p.add_argument("--sites", type=int, default=2, help="number of sites the procedures are spread over (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same bytes (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("tiny-model", help="build a tiny random Qwen2.5-VL with a locally trained tokenizer",
+                       description="Build a few-MB random-weight Qwen2.5-VL (same architecture as the real one), "
+                       "a byte-level BPE tokenizer trained on CME text, TRL's chat template and an image processor; "
+                       "saved in Hugging Face format. For tests and the offline demo.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    p.add_argument("--corpus", default=None, help="extra text file (one line each) to train the tokenizer on")
+    p.add_argument("--image-tokens", type=int, default=36, help="image tokens per image: 16, 36, 64... (default 36)")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("demo", help="run the whole method offline on a laptop (what `make demo` runs)",
+                       description="Synthetic data, a tiny Qwen2.5-VL, then every pipeline stage with the demo "
+                       "config: local Ray, local disk, offline teacher. Completed steps are skipped.")
+    _config_args(p)
+    p.add_argument("--workdir", default=None, help="where the demo writes (default: the config's workdir, runs/demo)")
+    p.add_argument("--procedures", type=int, default=12, help="synthetic procedures (default 12)")
+    p.add_argument("--frames-per-procedure", type=int, default=30, help="synthetic frames per procedure (default 30)")
+    p.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    from cmevlm.config import ConfigError
+
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"cmevlm {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The run config: one pydantic model per stage, gathered in `RunConfig`, loaded from YAML.
+
+A run config is a YAML file whose first line is a comment with the command that runs it
+(`configs/demo.yaml` is the embedded default). Overrides are `--set a.b=VALUE`, where VALUE is
+parsed as YAML, so lists and mappings work:
+
+    cmevlm ingest --set data.image_size=224 --set 'sources=[{uri: /data, layout: cmevlm, site: a}]'
+
+Unknown keys are errors that list the valid keys at that level; they are never ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared infrastructure
+
+
+class StorageConfig(_Section):
+    """Where `s3://` URIs point. Unset fields fall back to the standard AWS environment
+    (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`)."""
+
+    endpoint: str | None = Field(None, description="S3 endpoint URL, e.g. http://minio.storage:9000; None = AWS or AWS_ENDPOINT_URL.")
+    region: str | None = Field(None, description="S3 region; None = AWS_REGION or us-east-1.")
+    access_key_id: str | None = Field(None, description="Prefer the environment or a Kubernetes Secret; never commit keys.")
+    secret_access_key: str | None = Field(None, description="Prefer the environment or a Kubernetes Secret.")
+    cache_dir: str = Field("~/.cache/cmevlm", description="Local cache for models fetched from s3://.")
+
+
+class RayConfig(_Section):
+    """The Ray a stage runs on."""
+
+    address: str | None = Field(None, description="Ray address ('auto' inside a RayJob); None = start a local Ray.")
+    num_cpus: float | None = Field(None, description="CPUs for a local Ray; None = all of this machine's.")
+
+
+class Source(_Section):
+    """One folder of frames and masks from one site."""
+
+    uri: str = Field(description="Local path or s3://bucket/prefix.")
+    layout: Literal["cmevlm", "dsad"] = Field("cmevlm", description="cmevlm = DESIGN.md layout; dsad = Dresden Surgical Anatomy Dataset.")
+    site: str = Field("site_a", description="Site (hospital) the data comes from; used for splits and reports.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+class DataConfig(_Section):
+    """How frames become composites, and how items are split."""
+
+    image_size: int = Field(448, description="Side of the square composite in pixels; a multiple of 28 for Qwen2.5-VL.")
+    resize: Literal["pad", "crop"] = Field("pad", description="pad = keep the whole frame and pad to a square (black); crop = centre-crop to a square.")
+    overlay_color: tuple[int, int, int] = Field((0, 255, 0), description="RGB colour of the structure overlay.")
+    overlay_alpha: float = Field(0.4, ge=0.0, le=1.0, description="Opacity of the overlay, on the mask's pixels only.")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of procedures held out for test.")
+    holdout_sites: list[str] = Field(default_factory=list, description="Sites whose procedures go only to test.")
+    split_seed: int = Field(0, description="Seed of the procedure split.")
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_28(cls, v: int) -> int:
+        if v <= 0 or v % 28:
+            raise ValueError(f"image_size must be a positive multiple of 28 (Qwen2.5-VL patches), got {v}")
+        return v
+
+
+class IngestConfig(_Section):
+    """The ingest stage (Ray Data)."""
+
+    batch_size: int = Field(16, ge=1, description="Frames per map_batches call.")
+    concurrency: int = Field(2, ge=1, description="Transform actors.")
+    num_cpus_per_actor: float = Field(0.5, gt=0, description="Fractional CPUs per actor (whole ones can starve the reader on small machines).")
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of written PNGs (1 is ~4x faster than 6 for ~10 % more bytes).")
+    rows_per_shard: int = Field(256, ge=1, description="Upper bound of rows per Parquet shard.")
+    binarize_multivalue_masks: bool = Field(False, description="Binarise masks with more than two values by >0 instead of quarantining them.")
+
+
+class ModelConfig(_Section):
+    """The base model."""
+
+    base: str = Field("runs/demo/models/base", description="Local path or s3:// prefix of a Hugging Face Qwen2.5-VL directory.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class RunConfig(_Section):
+    """One run: a workdir and every stage's settings."""
+
+    workdir: str = Field("runs/demo", description="Local path or s3://bucket/prefix holding every stage's outputs.")
+    seed: int = Field(0, description="Global seed.")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    sources: list[Source] = Field(default_factory=list, description="Input folders, one per site.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=VALUE` -> (["a", "b"], VALUE parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set takes KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set has an empty key: {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {e}") from e
+    return path, value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a mapping")
+        node = child
+    node[path[-1]] = value
+
+
+def _explain(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        where = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(model, loc[:-1])
+            lines.append(f"unknown key {where!r}; valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"{where}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return []
+        model = nxt
+    return sorted(model.model_fields)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply `--set` overrides, validate. Raises ConfigError."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, RunConfig)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML, with secrets masked (it goes into logs and reports)."""
+    data = cfg.model_dump(mode="json")
+    if data["storage"].get("secret_access_key"):
+        data["storage"]["secret_access_key"] = "***"
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,92 @@
+"""Load Qwen2.5-VL models and processors from a local folder or an `s3://` prefix.
+
+Without torchvision (these CPU machines cannot have it) `AutoProcessor` cannot build a
+Qwen2.5-VL processor, because its video processor needs torchvision; `load_processor` builds
+`Qwen2_5_VLProcessor` from the tokenizer and the PIL image processor instead, and saved
+processors name `Qwen2_5_VLProcessor` so standard tooling (vLLM, AutoProcessor with
+torchvision) loads them too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cmevlm.config import StorageConfig
+from cmevlm.storage import Storage
+
+
+def _processor_class():
+    """Qwen2_5_VLProcessor with no video processor, for machines without torchvision.
+
+    transformers checks and saves every sub-processor named in `__init__`, and without
+    torchvision the video processor's class is a dummy, so both crash on `video_processor=None`.
+    This subclass declares only the image processor and the tokenizer, and keeps the parent's
+    name, so saved processors say `processor_class: Qwen2_5_VLProcessor` and real tooling
+    (vLLM, AutoProcessor where torchvision exists) loads them as the real class."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class _Processor(Qwen2_5_VLProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    _Processor.__name__ = _Processor.__qualname__ = "Qwen2_5_VLProcessor"
+    return _Processor
+
+
+def make_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, chat_template: str | None = None):
+    """A Qwen2_5_VLProcessor from a tokenizer and the PIL image processor (no video)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from trl.chat_template_utils import qwen2_5_vl_chat_template
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return _processor_class()(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=chat_template or qwen2_5_vl_chat_template,
+    )
+
+
+def local_model_dir(uri: str, storage: StorageConfig | None = None) -> Path:
+    """A local folder holding the model: the path itself, or a cached copy of an s3:// prefix."""
+    path = Storage(storage).local_dir(uri)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{uri} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_processor(uri: str, storage: StorageConfig | None = None):
+    """The processor saved with a model (tokenizer, image processor, chat template)."""
+    from transformers import AutoTokenizer
+
+    path = local_model_dir(uri, storage)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pp = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = path / name
+        if f.exists():
+            data = json.loads(f.read_text())
+            pp.update(data.get("image_processor", data))
+    size = pp.get("size") or {}
+    min_pixels = pp.get("min_pixels") or size.get("shortest_edge") or 56 * 56
+    max_pixels = pp.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
+    template = None
+    if (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    elif getattr(tokenizer, "chat_template", None):
+        template = tokenizer.chat_template
+    processor = make_processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels, chat_template=template)
+    tokenizer.padding_side = "left"  # batched generation needs left padding
+    return processor
+
+
+def load_model(uri: str, storage: StorageConfig | None = None, dtype: str = "float32", device: str = "cpu"):
+    """`Qwen2_5_VLForConditionalGeneration` from a local folder or s3:// prefix."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    path = local_model_dir(uri, storage)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model.to(device).eval()

@@ -1,0 +1,129 @@
+"""A tiny random-weight Qwen2.5-VL (same architecture as the real one) and a tokenizer trained here.
+
+Tests and the demo cannot download weights, so they build this: ~0.7M parameters, a byte-level
+BPE tokenizer trained on CME text with the Qwen special tokens after the BPE vocabulary (as in
+real Qwen, so a pad id is never 0), TRL's Qwen2.5-VL chat template and a PIL image processor.
+`max_pixels` sets the number of image tokens: (sqrt(max_pixels) / 28)^2, e.g. 168*168 -> 36.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+# Qwen2.5-VL special tokens, in the order real Qwen appends them after the BPE vocabulary.
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+CHAT_WORDS = (
+    "system", "user", "assistant", "You are a helpful assistant.",
+    "You are an expert colorectal surgeon.", "Identify the highlighted anatomical structure",
+    "and explain its significance for Complete Mesocolic Excision.", "highlighted in green",
+)
+
+
+def default_corpus() -> list[str]:
+    """The domain text the tokenizer learns its merges from."""
+    from cmevlm.anatomy import corpus_lines
+
+    return [*corpus_lines(), *CHAT_WORDS]
+
+
+def train_tokenizer(lines: Iterable[str], vocab_size: int = 2048):
+    """A byte-level BPE `Qwen2Tokenizer` trained on `lines`, Qwen special tokens appended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(list(lines), trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None)
+
+
+def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 64, vision_depth: int = 2):
+    """A Qwen2_5_VLConfig a few MB in size; the text head_dim is hidden / heads = 32."""
+    from transformers import Qwen2_5_VLConfig
+
+    heads = max(1, hidden // 32)
+    head_dim = hidden // heads
+    # M-RoPE splits head_dim / 2 frequencies over (temporal, height, width).
+    half = head_dim // 2
+    mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]  # real Qwen: [16, 24, 24] of 64
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 2),
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": True,
+        },
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_hidden,
+            "intermediate_size": vision_hidden * 2,
+            "num_heads": max(1, vision_hidden // 32),
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [vision_depth - 1],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_model(
+    out: str | Path,
+    seed: int = 0,
+    corpus: Iterable[str] | None = None,
+    max_pixels: int = 168 * 168,
+    hidden: int = 128,
+    layers: int = 2,
+    vision_hidden: int = 64,
+    vision_depth: int = 2,
+    vocab_size: int = 2048,
+) -> Path:
+    """Build, save (Hugging Face format) and return the directory of a tiny Qwen2.5-VL."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from cmevlm.model.loading import make_processor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer([*default_corpus(), *(corpus or ())], vocab_size=vocab_size)
+    processor = make_processor(tokenizer, min_pixels=56 * 56, max_pixels=max_pixels)
+    torch.manual_seed(seed)
+    cfg = tiny_config(tokenizer, hidden=hidden, layers=layers, vision_hidden=vision_hidden, vision_depth=vision_depth)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        do_sample=False,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

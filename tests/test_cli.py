@@ -1,0 +1,67 @@
+"""The real `cmevlm` command, run as a subprocess."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmevlm.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cmevlm(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "cmevlm.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check and r.returncode:
+        raise AssertionError(f"cmevlm {args} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def _subcommands():
+    return list(build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_help_lists_every_subcommand_with_a_line():
+    out = cmevlm("--help").stdout
+    for name in _subcommands():
+        line = next(l for l in out.splitlines() if l.strip().startswith(name + " "))
+        assert len(line.split()) > 2, line
+
+
+@pytest.mark.parametrize("name", _subcommands())
+def test_each_subcommand_has_help(name):
+    out = cmevlm(name, "--help").stdout
+    assert out.startswith("usage: cmevlm " + name)
+
+
+def test_synth_twice_is_byte_identical(tmp_path):
+    for d in "ab":
+        cmevlm("synth", "--out", str(tmp_path / d), "--procedures", "4", "--frames-per-procedure", "5", "--seed", "1", "--quiet")
+    h = lambda root: {p.relative_to(root): hashlib.sha256(p.read_bytes()).digest() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+    a, b = h(tmp_path / "a"), h(tmp_path / "b")
+    assert a == b and len(a) > 20
+    text = (tmp_path / "a/procedures.csv").read_text()
+    assert "left" in text and "right" in text
+    masks = {p.stem for p in (tmp_path / "a").glob("*/masks/*/*.png")}
+    assert len(masks) == 5
+
+
+def test_tiny_model_command(tmp_path):
+    r = cmevlm("tiny-model", "--out", str(tmp_path / "m"), "--image-tokens", "16")
+    assert "16 image tokens" in r.stdout
+    assert (tmp_path / "m/model.safetensors").exists()
+
+
+def test_config_errors_exit_2_with_a_clear_message():
+    r = cmevlm("config", "--set", "data.nope=1", check=False)
+    assert r.returncode == 2
+    assert "unknown key 'data.nope'" in r.stderr and "image_size" in r.stderr
+    r = cmevlm("config", "--config", "/nonexistent.yaml", check=False)
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_config_prints_resolved_yaml():
+    out = cmevlm("config", "--set", "data.image_size=224").stdout
+    assert "image_size: 224" in out
