@@ -78,6 +78,17 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def cmd_ingest(args) -> int:
+    from cmevlm import ingest
+
+    m = ingest.run(_load(args), force=args.force)
+    print(f"ingest: {m['accepted']} accepted, {m['quarantined']} quarantined{' (skipped: already complete)' if m.get('skipped') else ''}")
+    if args.strict and m["quarantined"]:
+        print("ingest: --strict and items were quarantined: see quarantine/quarantine.jsonl", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cmevlm import demo
 
@@ -140,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tokens", type=int, default=36, help="image tokens per image: 16, 36, 64... (default 36)")
     p.set_defaults(func=cmd_tiny_model)
 
+    p = sub.add_parser("ingest", help="frames + masks -> composite Parquet shards (Ray Data); bad items quarantined",
+                       description="Read every source (local or s3://, cmevlm or dsad layout), build one composite per "
+                       "(frame, structure) with the overlay and size from `data:`, split by procedure, and write Parquet "
+                       "shards to <workdir>/frames with a manifest. Bad items go to <workdir>/quarantine/quarantine.jsonl.")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even when frames/manifest.json says the stage is complete")
+    p.add_argument("--strict", action="store_true", help="exit 1 when anything was quarantined")
+    p.set_defaults(func=cmd_ingest)
+
     p = sub.add_parser("demo", help="run the whole method offline on a laptop (what `make demo` runs)",
                        description="Synthetic data, a tiny Qwen2.5-VL, then every pipeline stage with the demo "
                        "config: local Ray, local disk, offline teacher. Completed steps are skipped.")
@@ -166,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except ConfigError as e:
         print(f"cmevlm {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        if args.verbose:
+            raise
+        print(f"cmevlm {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

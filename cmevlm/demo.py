@@ -35,4 +35,9 @@ def run(cfg: RunConfig, procedures: int = 12, frames_per_procedure: int = 30) ->
         build_tiny_model(base, seed=cfg.seed, max_pixels=cfg.data.image_size**2)
         log.info("tiny-model: built %s", base)
     summary["base_model"] = str(base)
+    # ---- the pipeline's stages
+    from cmevlm import ingest
+
+    m = ingest.run(cfg)
+    summary["ingest"] = {"accepted": m["accepted"], "quarantined": m["quarantined"]}
     return summary

@@ -74,3 +74,61 @@ def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "data"
     write_dataset(out, procedures=6, frames_per_procedure=6, sites=2, seed=3)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the whole session (start-up costs ~5 s). Started after the S3 server
+    so that workers inherit its AWS_* environment."""
+    from cmevlm.cluster import connect
+    from cmevlm.config import RayConfig
+
+    ray = connect(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def bad_source(tmp_path_factory):
+    """A synthetic source with one of every kind of bad input; returns (path, expected), where
+    expected = {"accepted": n, "quarantined": {reason fragment: n}}."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from cmevlm.data.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("bad") / "src"
+    write_dataset(root, procedures=3, frames_per_procedure=3, sites=1, seed=5)
+    masks = lambda p, f: sorted((root / p / "masks" / f).glob("*.png"))  # noqa: E731
+    total = len(list(root.glob("*/masks/*/*.png")))
+    bad: dict[str, int] = {}
+
+    def save(path, arr):
+        Image.fromarray(arr).save(path)
+
+    # A truncated frame: every structure of that frame is lost with it.
+    f = root / "proc_000/frames/frame_0000.png"
+    f.write_bytes(f.read_bytes()[:300])
+    bad["unreadable frame"] = len(masks("proc_000", "frame_0000"))
+    save(masks("proc_000", "frame_0001")[0], np.full((10, 10), 255, np.uint8))
+    bad["differs from frame size"] = 1
+    save(masks("proc_000", "frame_0002")[0], np.zeros((320, 400), np.uint8))
+    bad["empty mask"] = 1
+    save(masks("proc_001", "frame_0000")[0], np.full((320, 400, 3), 255, np.uint8))
+    bad["not single-channel"] = 1
+    save(masks("proc_001", "frame_0001")[0], (np.arange(320 * 400) % 4).astype(np.uint8).reshape(320, 400))
+    bad["distinct values"] = 1
+    shutil.copy(masks("proc_001", "frame_0002")[0], root / "proc_001/masks/frame_0002/liver.png")
+    bad["unknown structure"] = 1
+    # A procedure that procedures.csv does not know.
+    (root / "proc_999/frames").mkdir(parents=True)
+    shutil.copy(root / "proc_002/frames/frame_0000.png", root / "proc_999/frames/frame_0000.png")
+    shutil.copytree(root / "proc_002/masks/frame_0000", root / "proc_999/masks/frame_0000")
+    bad["not in procedures.csv"] = len(masks("proc_999", "frame_0000"))
+    (root / "proc_002/masks/frame_9999").mkdir()
+    shutil.copy(masks("proc_002", "frame_0000")[0], root / "proc_002/masks/frame_9999/duodenum.png")
+    bad["mask without a frame"] = 1
+    accepted = total - sum(v for k, v in bad.items() if k not in ("unknown structure", "not in procedures.csv", "mask without a frame"))
+    return root, {"accepted": accepted, "quarantined": bad}

@@ -65,3 +65,20 @@ def test_config_errors_exit_2_with_a_clear_message():
 def test_config_prints_resolved_yaml():
     out = cmevlm("config", "--set", "data.image_size=224").stdout
     assert "image_size: 224" in out
+
+
+def test_ingest_command_quarantines_and_strict_fails(tmp_path, bad_source):
+    args = ["--set", f"workdir={tmp_path / 'run'}", "--set", f"sources=[{{uri: '{bad_source[0]}'}}]",
+            "--set", "data.image_size=56", "--set", "ray.num_cpus=2"]
+    r = cmevlm("ingest", *args, "--strict", check=False)
+    assert r.returncode == 1, r.stderr
+    n_bad = sum(bad_source[1]["quarantined"].values())
+    assert f"{bad_source[1]['accepted']} accepted, {n_bad} quarantined" in r.stdout
+    assert "--strict" in r.stderr
+    r = cmevlm("ingest", *args)  # complete: skipped, and without --strict it succeeds
+    assert r.returncode == 0 and "skipped" in r.stdout
+
+
+def test_ingest_job_entry_point_is_the_same_command(tmp_path):
+    r = subprocess.run([sys.executable, "jobs/ingest.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "usage: cmevlm ingest" in r.stdout

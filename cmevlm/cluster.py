@@ -1,0 +1,36 @@
+"""Connecting to Ray: the cluster of a RayJob (`ray.address: auto`) or a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cmevlm.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+# Measured on small CPU machines (PITFALLS.md): Ray must not report usage or ask for tokens,
+# and tiny models run 100x slower with two BLAS threads per process on two busy cores.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def connect(cfg: RayConfig):
+    """Initialise Ray once per process (a no-op when already initialised); returns `ray`."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    log.info("ray: %s", ray.cluster_resources())
+    if not log.isEnabledFor(logging.DEBUG):
+        # Ray Data logs every operator's progress at INFO when stdout is not a terminal; keep
+        # the stage's own lines readable (-v shows everything). Terminal progress bars remain.
+        import ray.data  # noqa: F401  (configures its loggers on import)
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ray

@@ -1,0 +1,188 @@
+"""Ingest: frames + masks -> composite Parquet shards under `<workdir>/frames/`.
+
+    cmevlm ingest --config configs/demo.yaml [--set ...] [--force] [--strict]
+    python jobs/ingest.py --config /etc/cmevlm/run.yaml
+
+Every (frame, structure) pair becomes one row: the composite (frame with a translucent overlay
+on the structure, squared to `data.image_size`), the binary mask, its geometry and metadata
+(paper, Section 2.1-2.2). Listing and splitting run on the driver; reading, decoding and
+compositing run in a Ray Data actor pool; Ray Data writes the shards from the workers.
+
+Bad input never stops the run: each bad item goes to `quarantine/quarantine.jsonl` with a
+reason, every good item is kept. `frames/manifest.json` is written last, so a rerun skips a
+complete stage and an interrupted one is rebuilt from scratch (its partial shards are never
+listed in a manifest, so no later stage reads them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+
+import pyarrow as pa
+
+from cmevlm.config import RunConfig
+from cmevlm.data.composite import BadInput, build_composites, decode_frame, decode_mask, encode_png, mask_geometry
+from cmevlm.data.sources import list_sources, quarantine_entry
+from cmevlm.data.splits import assign_splits
+from cmevlm.storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+ROW_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("source_uri", pa.string()), ("procedure_id", pa.string()), ("site", pa.string()),
+    ("laterality", pa.string()), ("phase", pa.string()), ("structure", pa.string()), ("in_cme_set", pa.bool_()),
+    ("frame_id", pa.string()), ("split", pa.string()),
+    ("composite", pa.binary()), ("mask", pa.binary()), ("image_size", pa.int32()),
+    ("area_fraction", pa.float64()), ("bbox", pa.list_(pa.float64())), ("centroid", pa.list_(pa.float64())),
+    ("region", pa.string()),
+])
+# Worker output: the rows above plus why an item was quarantined (null when accepted) and where
+# it came from, so the driver can write the quarantine file.
+WORKER_SCHEMA = ROW_SCHEMA.append(pa.field("reason", pa.string())).append(pa.field("path", pa.string()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The transform: plain Python, no Ray
+
+
+def process_frame(record: dict, frame_bytes: bytes | None, mask_bytes: list[bytes | None], cfg: RunConfig) -> list[dict]:
+    """One frame record -> one output dict per mask: a composite row, or a `reason`."""
+    d, base = cfg.data, {k: record[k] for k in ("source_uri", "procedure_id", "site", "laterality", "phase", "frame_id", "split")}
+    outs = [{**base, "item_id": m["item_id"], "structure": m["structure"], "in_cme_set": m["in_cme_set"], "path": m["mask_uri"]} for m in record["masks"]]
+    try:
+        if frame_bytes is None:
+            raise BadInput("cannot read frame file")
+        frame = decode_frame(frame_bytes)
+    except BadInput as e:
+        return [{**o, "reason": str(e), "path": record["frame_uri"]} for o in outs]
+    good, masks = [], []
+    for o, data in zip(outs, mask_bytes):
+        try:
+            if data is None:
+                raise BadInput("cannot read mask file")
+            masks.append(decode_mask(data, frame.shape[:2], cfg.ingest.binarize_multivalue_masks))
+            good.append(o)
+        except BadInput as e:
+            o["reason"] = str(e)
+    for o, m, (comp, bin_mask) in zip(good, masks, build_composites(frame, masks, d.image_size, d.resize, d.overlay_color, d.overlay_alpha)):
+        g = mask_geometry(m)
+        o.update(
+            composite=encode_png(comp, cfg.ingest.png_compress_level), mask=encode_png(bin_mask, cfg.ingest.png_compress_level),
+            image_size=d.image_size, area_fraction=g.area_fraction, bbox=list(g.bbox), centroid=list(g.centroid),
+            region=g.region, reason=None,
+        )
+    return outs
+
+
+class FrameWorker:
+    """Callable class for `map_batches`: reads a batch of frame records and composites them.
+    Each actor holds one Storage client (one S3 connection pool)."""
+
+    def __init__(self, cfg_json: str):
+        self.cfg = RunConfig.model_validate_json(cfg_json)
+        self.storage = Storage(self.cfg.storage)
+
+    def _read(self, uri: str) -> bytes | None:
+        try:
+            return self.storage.read_bytes(uri)
+        except OSError:
+            return None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for rec in batch.to_pylist():
+            rows += process_frame(rec, self._read(rec["frame_uri"]), [self._read(m["mask_uri"]) for m in rec["masks"]], self.cfg)
+        return pa.Table.from_pylist(rows, schema=WORKER_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    """Ingest every source; returns the manifest of `frames/`."""
+    st = Storage(cfg.storage)
+    out, qfile = join(cfg.workdir, "frames"), join(cfg.workdir, "quarantine", "quarantine.jsonl")
+    if st.is_complete(out) and not force:
+        manifest = st.read_manifest(out)
+        log.info("ingest: %s is complete (%d accepted, %d quarantined), skipped", out, manifest["accepted"], manifest["quarantined"])
+        return {**manifest, "skipped": True}
+    if not cfg.sources:
+        raise ValueError("ingest: no sources configured (set `sources:` in the config)")
+    st.delete(out)  # whatever an interrupted attempt left
+    t0 = time.time()
+
+    # ---- list and split on the driver (cheap: names and metadata only)
+    records, quarantine = list_sources(st, cfg.sources)
+    per_proc: dict[tuple[str, str], Counter] = {}
+    for r in records:
+        per_proc.setdefault((r["site"], r["procedure_id"]), Counter()).update(m["structure"] for m in r["masks"])
+    splits = assign_splits(per_proc, cfg.data.test_fraction, cfg.data.holdout_sites, cfg.data.split_seed)
+    for r in records:
+        r["split"] = splits[(r["site"], r["procedure_id"])]
+    n_items = sum(len(r["masks"]) for r in records)
+    log.info("ingest: %d frames, %d items from %d sources; %d quarantined while listing", len(records), n_items, len(cfg.sources), len(quarantine))
+
+    # ---- read, composite and write with Ray Data
+    accepted = Counter()
+    if records:
+        ray = _ray(cfg)
+        blocks = max(1, min(len(records) // cfg.ingest.batch_size, 200))
+        ds = ray.data.from_items(records, override_num_blocks=blocks)
+        result = ds.map_batches(
+            FrameWorker,
+            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
+            batch_size=cfg.ingest.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.ingest.concurrency, blocks)),
+            num_cpus=cfg.ingest.num_cpus_per_actor,
+        ).materialize()
+        # One small pass over the metadata columns tells what was accepted and what not;
+        # the composites themselves are written straight from the workers.
+        for row in result.select_columns(["source_uri", "procedure_id", "frame_id", "structure", "item_id", "path", "reason", "split"]).iter_rows():
+            if row["reason"] is None:
+                accepted[(row["split"], row["structure"])] += 1
+            else:
+                quarantine.append(quarantine_entry(row["source_uri"], row["reason"], **{k: row[k] for k in ("procedure_id", "frame_id", "structure", "item_id", "path")}))
+        from ray.data.expressions import col
+
+        fs, path = st.resolve(join(out, "shards"))
+        result.filter(expr=col("reason").is_null()).drop_columns(["reason", "path"]).write_parquet(
+            path, filesystem=fs, min_rows_per_file=cfg.ingest.rows_per_shard, max_rows_per_file=cfg.ingest.rows_per_shard)
+
+    # ---- quarantine file, then the manifest (last: it marks the stage complete)
+    st.write_text(qfile, "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
+    n_ok = sum(accepted.values())
+    by_split = Counter()
+    for (split, _), n in accepted.items():
+        by_split[split] += n
+    manifest = st.write_manifest(
+        out,
+        st.list_files(join(out, "shards"), ".parquet"),
+        stage="ingest",
+        accepted=n_ok,
+        quarantined=len(quarantine),
+        splits=dict(by_split),
+        structures={f"{sp}/{s}": n for (sp, s), n in sorted(accepted.items())},
+        quarantine_reasons=dict(Counter(_reason_kind(q["reason"]) for q in quarantine)),
+        data=cfg.data.model_dump(mode="json"),
+        seconds=round(time.time() - t0, 2),
+    )
+    log.info("ingest: %d accepted, %d quarantined (%s) in %.1f s -> %s", n_ok, len(quarantine), qfile, time.time() - t0, out)
+    return manifest
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split("(")[0].strip()
+
+
+def _ray(cfg: RunConfig):
+    from cmevlm.cluster import connect
+
+    ray = connect(cfg.ray)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same input, same shards
+    return ray
