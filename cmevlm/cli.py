@@ -89,6 +89,15 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def cmd_teach(args) -> int:
+    from cmevlm import teach
+
+    m = teach.run(_load(args), force=args.force)
+    print(f"teach: {m['train']} train, {m['test']} test, {m['quarantined']} quarantined; "
+          f"{m['requests_sent']} requests, cost ${m['cost_usd']:.4f}{' (skipped: already complete)' if m.get('skipped') else ''}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cmevlm import demo
 
@@ -159,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even when frames/manifest.json says the stage is complete")
     p.add_argument("--strict", action="store_true", help="exit 1 when anything was quarantined")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("teach", help="write the SFT dataset with a teacher that sees only text and binary masks",
+                       description="Ask the teacher (teacher.backend: gemini, openai or offline) for an expert answer per "
+                       "item, from text context and the binary mask only, rate-limited, cached and audited; write "
+                       "<workdir>/sft/{train,test} in TRL's conversational format, applying teacher/reviews.jsonl.")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="reassemble even when sft/manifest.json says complete (cached answers are reused)")
+    p.set_defaults(func=cmd_teach)
 
     p = sub.add_parser("demo", help="run the whole method offline on a laptop (what `make demo` runs)",
                        description="Synthetic data, a tiny Qwen2.5-VL, then every pipeline stage with the demo "

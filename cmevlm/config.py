@@ -92,6 +92,36 @@ class IngestConfig(_Section):
     binarize_multivalue_masks: bool = Field(False, description="Binarise masks with more than two values by >0 instead of quarantining them.")
 
 
+class TeacherConfig(_Section):
+    """The cloud (or on-prem) LLM that writes expert answers and judges; it never sees a frame.
+
+    Backends: `gemini` (google-genai; key from GEMINI_API_KEY), `openai` (any OpenAI-compatible
+    server inside the hospital, e.g. vLLM; key from OPENAI_API_KEY), `offline` (a deterministic
+    knowledge-base stand-in for demos and tests; not a clinical source)."""
+
+    backend: Literal["gemini", "openai", "offline"] = Field("offline", description="Which LLM answers.")
+    model: str = Field("gemini-2.5-flash", description="Model name at the backend.")
+    base_url: str | None = Field(None, description="Endpoint override (Gemini: http_options.base_url; OpenAI: base_url).")
+    api_version: str | None = Field(None, description="Gemini API version (None = the SDK's default).")
+    send_mask: bool = Field(True, description="Attach the binary mask; false = geometry text only.")
+    mask_size: int = Field(448, ge=16, description="Largest side of a mask sent to the teacher, in pixels.")
+    temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature of the teacher.")
+    max_output_tokens: int = Field(512, ge=16, description="Upper bound of an answer's tokens.")
+    concurrency: int = Field(2, ge=1, description="Actors sending requests in parallel.")
+    num_cpus_per_actor: float = Field(0.25, gt=0, description="Fractional CPUs per actor (they mostly wait on the network).")
+    batch_size: int = Field(8, ge=1, description="Items per map_batches call.")
+    rpm: float = Field(600, gt=0, description="Requests per minute for the whole cluster (provider quota).")
+    tpm: float = Field(1_000_000, gt=0, description="Tokens per minute for the whole cluster (provider quota).")
+    timeout_s: float = Field(60, gt=0, description="Timeout of one HTTP request.")
+    http_attempts: int = Field(5, ge=1, description="Attempts per request on 408/429/5xx (SDK retry with exponential backoff and jitter).")
+    max_attempts: int = Field(3, ge=1, description="Attempts per item on malformed output or failed requests before quarantine.")
+    backoff_s: float = Field(1.0, ge=0, description="First backoff of our own retries (doubles, with jitter).")
+    price_input_per_m: float = Field(0.30, ge=0, description="USD per 1M input tokens (gemini-2.5-flash).")
+    price_output_per_m: float = Field(2.50, ge=0, description="USD per 1M output tokens (gemini-2.5-flash).")
+    batch: bool = Field(False, description="Use the Gemini Batch API (half price, hours of latency).")
+    review_fraction: float = Field(0.1, ge=0, le=1, description="Fraction of items flagged needs_review for the expert.")
+
+
 class ModelConfig(_Section):
     """The base model."""
 
@@ -113,6 +143,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,8 +36,10 @@ def run(cfg: RunConfig, procedures: int = 12, frames_per_procedure: int = 30) ->
         log.info("tiny-model: built %s", base)
     summary["base_model"] = str(base)
     # ---- the pipeline's stages
-    from cmevlm import ingest
+    from cmevlm import ingest, teach
 
     m = ingest.run(cfg)
     summary["ingest"] = {"accepted": m["accepted"], "quarantined": m["quarantined"]}
+    m = teach.run(cfg)
+    summary["teach"] = {"train": m["train"], "test": m["test"], "quarantined": m["quarantined"]}
     return summary

@@ -13,10 +13,15 @@ for _k, _v in {
     "RAY_AUTH_MODE": "disabled",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Keys for the loopback fakes; set before Ray starts so its workers inherit them.
+    "GEMINI_API_KEY": "test-gemini-key",
+    "OPENAI_API_KEY": "test-openai-key",
 }.items():
     os.environ.setdefault(_k, _v)
 
 import pytest  # noqa: E402
+
+from fake_llm import FakeLLM  # noqa: E402
 
 
 def free_port() -> int:
@@ -132,3 +137,10 @@ def bad_source(tmp_path_factory):
     bad["mask without a frame"] = 1
     accepted = total - sum(v for k, v in bad.items() if k not in ("unknown structure", "not in procedures.csv", "mask without a frame"))
     return root, {"accepted": accepted, "quarantined": bad}
+
+
+@pytest.fixture
+def fake_llm():
+    """A Gemini/OpenAI-speaking server on 127.0.0.1 that logs every request."""
+    with FakeLLM() as srv:
+        yield srv

@@ -1,0 +1,129 @@
+"""Teacher/judge backends. Each turns a guarded `Payload` into a `Reply` (raw text + tokens).
+
+Only `cmevlm.teacher.client.TeacherClient` calls them, after the privacy guard has passed.
+Backends ask for JSON matching a pydantic schema; the client parses and validates.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from cmevlm.config import TeacherConfig
+from cmevlm.teacher.payload import Payload
+
+RETRY_CODES = [408, 429, 500, 502, 503, 504]
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    input_tokens: int
+    output_tokens: int
+
+
+class TeacherAnswer(BaseModel):
+    """What the teacher returns for one item."""
+
+    answer: str
+
+
+class GeminiBackend:
+    """Gemini through the google-genai SDK, structured JSON output, SDK retries on 408/429/5xx."""
+
+    name = "gemini"
+
+    def __init__(self, cfg: TeacherConfig):
+        from google import genai
+        from google.genai import types
+
+        key = os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+        if not key:
+            raise ValueError("teacher.backend=gemini needs GEMINI_API_KEY in the environment")
+        self.cfg, self.types = cfg, types
+        http = types.HttpOptions(
+            base_url=cfg.base_url,
+            api_version=cfg.api_version,
+            timeout=int(cfg.timeout_s * 1000),  # milliseconds
+            retry_options=types.HttpRetryOptions(
+                attempts=cfg.http_attempts, initial_delay=cfg.backoff_s, max_delay=30.0, exp_base=2.0, jitter=0.5,
+                http_status_codes=RETRY_CODES,
+            ),
+        )
+        self.client = genai.Client(api_key=key, http_options=http)
+
+    def send(self, payload: Payload, schema: type[BaseModel]) -> Reply:
+        t = self.types
+        parts = [
+            t.Part.from_text(text=p.text) if p.kind == "text" else t.Part.from_bytes(data=p.data, mime_type="image/png")
+            for p in payload.parts
+        ]
+        resp = self.client.models.generate_content(
+            model=self.cfg.model,
+            contents=[t.Content(role="user", parts=parts)],
+            config=t.GenerateContentConfig(
+                system_instruction=payload.system,
+                temperature=payload.params.get("temperature", self.cfg.temperature),
+                max_output_tokens=payload.params.get("max_output_tokens", self.cfg.max_output_tokens),
+                response_mime_type="application/json",
+                response_schema=schema,
+            ),
+        )
+        u = resp.usage_metadata
+        return Reply(resp.text or "", (u.prompt_token_count or 0) if u else 0, (u.candidates_token_count or 0) if u else 0)
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat endpoint (vLLM, TGI, Ollama) through the openai SDK."""
+
+    name = "openai"
+
+    def __init__(self, cfg: TeacherConfig):
+        from openai import OpenAI
+
+        self.cfg = cfg
+        self.client = OpenAI(
+            api_key=os.environ.get("OPENAI_API_KEY", "not-needed"), base_url=cfg.base_url,
+            timeout=cfg.timeout_s, max_retries=cfg.http_attempts - 1,
+        )
+
+    def send(self, payload: Payload, schema: type[BaseModel]) -> Reply:
+        content = []
+        for p in payload.parts:
+            if p.kind == "text":
+                content.append({"type": "text", "text": p.text})
+            else:
+                url = "data:image/png;base64," + base64.b64encode(p.data).decode()
+                content.append({"type": "image_url", "image_url": {"url": url}})
+        resp = self.client.chat.completions.create(
+            model=self.cfg.model,
+            messages=[{"role": "system", "content": payload.system}, {"role": "user", "content": content}],
+            temperature=payload.params.get("temperature", self.cfg.temperature),
+            max_tokens=payload.params.get("max_output_tokens", self.cfg.max_output_tokens),
+            response_format={"type": "json_object"},
+        )
+        u = resp.usage
+        return Reply(resp.choices[0].message.content or "", u.prompt_tokens if u else 0, u.completion_tokens if u else 0)
+
+
+class OfflineBackend:
+    """The deterministic knowledge-base teacher and rubric judge: no network. It reads the
+    same payload text a cloud LLM would and answers from `cmevlm/anatomy.py`."""
+
+    name = "offline"
+
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+
+    def send(self, payload: Payload, schema: type[BaseModel]) -> Reply:
+        from cmevlm.teacher import offline
+
+        text = offline.respond(payload, schema)
+        return Reply(text, len(payload.text.split()), len(text.split()))
+
+
+def make_backend(cfg: TeacherConfig):
+    return {"gemini": GeminiBackend, "openai": OpenAIBackend, "offline": OfflineBackend}[cfg.backend](cfg)

@@ -1,0 +1,172 @@
+"""TeacherClient: the only code that talks to a teacher or judge.
+
+One call, `ask(payload, schema)`, does, in order: look the request up in the content-addressed
+cache (a hit sends nothing and costs nothing); run the privacy guard; wait for the shared rate
+limiter; send through the backend (the SDKs retry 408/429/5xx with backoff and jitter); write
+one audit line; parse and validate the JSON, retrying malformed output up to
+`teacher.max_attempts`; store the answer in the cache before returning it. An item that still
+fails raises `TeacherFailed` with the last raw text, for the stage to quarantine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
+
+from cmevlm.config import StorageConfig, TeacherConfig
+from cmevlm.storage import Storage, is_s3, join
+from cmevlm.teacher.backends import make_backend
+from cmevlm.teacher.payload import Payload, PrivacyViolation, guard
+
+log = logging.getLogger(__name__)
+
+
+class TeacherFailed(RuntimeError):
+    def __init__(self, reason: str, raw: str = ""):
+        super().__init__(reason)
+        self.reason, self.raw = reason, raw
+
+
+@dataclass(frozen=True)
+class Answer:
+    value: BaseModel
+    text: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    cached: bool
+    requests: int  # requests sent for it in this call (0 when cached)
+
+
+def cache_key(backend: str, model: str, payload: Payload, schema: type[BaseModel]) -> str:
+    """Everything that determines the answer: backend, model, prompts, mask, parameters."""
+    ident = {
+        "backend": backend, "model": model, "system": payload.system, "text": payload.text,
+        "mask": hashlib.sha256(payload.mask).hexdigest() if payload.mask else None,
+        "params": payload.params, "schema": schema.__name__,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+class AuditLog:
+    """`teacher/audit.jsonl`: one line per request. On local disk lines are appended at once
+    (one O_APPEND write per line, safe across processes); on object storage each process
+    writes its own part objects, which `merge_audit` joins into the one file."""
+
+    def __init__(self, storage: Storage, uri: str):
+        self.storage, self.uri = storage, uri
+        self.buffer: list[str] = []
+        self.part = f"{uri}.parts/{uuid.uuid4().hex}"
+        self.seq = 0
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True) + "\n"
+        if is_s3(self.uri):
+            self.buffer.append(line)
+        else:
+            path = self.storage.resolve(self.uri)[1]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.storage.write_text(f"{self.part}-{self.seq:06d}.jsonl", "".join(self.buffer))
+            self.buffer, self.seq = [], self.seq + 1
+
+
+def merge_audit(storage: Storage, uri: str) -> int:
+    """Join part objects into `uri` (object storage); returns the number of lines."""
+    parts = storage.list_files(uri + ".parts", ".jsonl")
+    if parts:
+        old = storage.read_text(uri) if storage.exists(uri) else ""
+        storage.write_text(uri, old + "".join(storage.read_text(p) for p in parts))
+        for p in parts:
+            storage.delete(p)
+    return len(storage.read_text(uri).splitlines()) if storage.exists(uri) else 0
+
+
+class TeacherClient:
+    def __init__(self, cfg: TeacherConfig, workdir: str, storage: StorageConfig | None = None, wait=None, backend=None,
+                 cache_dir: str = "teacher/cache", audit_file: str = "teacher/audit.jsonl"):
+        self.cfg = cfg
+        self.storage = Storage(storage)
+        self.backend = backend or make_backend(cfg)
+        self.cache_uri = join(workdir, cache_dir)
+        self.audit = AuditLog(self.storage, join(workdir, audit_file))
+        self.wait = wait or (lambda tokens: None)
+
+    def _cost(self, tin: int, tout: int) -> float:
+        if self.backend.name == "offline":
+            return 0.0
+        discount = 0.5 if self.cfg.batch else 1.0
+        return discount * (tin * self.cfg.price_input_per_m + tout * self.cfg.price_output_per_m) / 1e6
+
+    def cached(self, key: str) -> dict | None:
+        uri = join(self.cache_uri, key[:2], key + ".json")
+        return self.storage.read_json(uri) if self.storage.exists(uri) else None
+
+    def ask(self, payload: Payload, schema: type[BaseModel]) -> Answer:
+        key = cache_key(self.backend.name, self.cfg.model, payload, schema)
+        hit = self.cached(key)
+        if hit is not None:
+            return Answer(schema.model_validate_json(hit["text"]), hit["text"], hit["input_tokens"], hit["output_tokens"], hit["cost_usd"], True, 0)
+        guard(payload, self.cfg.mask_size)  # raises PrivacyViolation: nothing is sent
+        parts = [p.describe() for p in payload.parts]
+        est_tokens = len(payload.text) // 4 + 258 * (payload.mask is not None) + self.cfg.max_output_tokens
+        raw, last_error, requests = "", "", 0
+        for attempt in range(1, self.cfg.max_attempts + 1):
+            self.wait(est_tokens)
+            t0 = time.time()
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "item_id": payload.item_id,
+                      "backend": self.backend.name, "model": self.cfg.model, "attempt": attempt, "parts": parts}
+            requests += 1
+            try:
+                reply = self.backend.send(payload, schema)
+            except PrivacyViolation:
+                raise
+            except Exception as e:  # transport failures the SDK's own retries did not cure
+                last_error = f"{type(e).__name__}: {e}"[:500]
+                self.audit.write({**record, "error": last_error, "seconds": round(time.time() - t0, 3)})
+                self._backoff(attempt)
+                continue
+            cost = self._cost(reply.input_tokens, reply.output_tokens)
+            self.audit.write({**record, "response_sha256": hashlib.sha256(reply.text.encode()).hexdigest(),
+                              "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
+                              "cost_usd": round(cost, 8), "seconds": round(time.time() - t0, 3)})
+            raw = reply.text
+            try:
+                value = schema.model_validate_json(_strip_fences(reply.text))
+            except ValidationError as e:
+                last_error = f"malformed output: {e.errors()[0]['msg'] if e.errors() else e}"
+                continue
+            entry = {"key": key, "item_id": payload.item_id, "text": value.model_dump_json(), "input_tokens": reply.input_tokens,
+                     "output_tokens": reply.output_tokens, "cost_usd": cost, "time": record["time"]}
+            self.storage.write_json(join(self.cache_uri, key[:2], key + ".json"), entry)
+            return Answer(value, entry["text"], reply.input_tokens, reply.output_tokens, cost, False, requests)
+        raise TeacherFailed(f"teacher failed after {self.cfg.max_attempts} attempts: {last_error}", raw)
+
+    def _backoff(self, attempt: int) -> None:
+        if attempt < self.cfg.max_attempts:
+            delay = self.cfg.backoff_s * 2 ** (attempt - 1)
+            time.sleep(delay * (0.5 + random.random()))
+
+
+def _strip_fences(text: str) -> str:
+    """Models sometimes wrap JSON in ``` fences; the content is still the answer."""
+    t = text.strip()
+    if t.startswith("```"):
+        t = t.split("\n", 1)[1] if "\n" in t else t
+        t = t.rsplit("```", 1)[0]
+    return t.strip()

@@ -1,0 +1,238 @@
+"""TeacherClient with the real SDKs against a loopback server: guard, audit, cache, retries."""
+
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
+from PIL import Image
+
+from cmevlm.config import TeacherConfig
+from cmevlm.data.composite import encode_png
+from cmevlm.storage import Storage
+from cmevlm.teacher.backends import TeacherAnswer
+from cmevlm.teacher.client import TeacherClient, TeacherFailed
+from cmevlm.teacher.limiter import RateLimiter, local_waiter
+from cmevlm.teacher.payload import Part, Payload, PrivacyViolation, build_payload, guard, mask_for_teacher
+from fake_llm import gemini_images, gemini_texts, openai_images
+
+PROMPT = "Side: left CME.\nHighlighted structure: pancreas.\nWrite the answer."
+
+
+def _mask(h=64, w=80, seed=0):
+    m = np.zeros((h, w), np.uint8)
+    r = np.random.default_rng(seed)
+    y, x = r.integers(0, h // 2), r.integers(0, w // 2)
+    m[y:y + h // 3, x:x + w // 3] = 255
+    return encode_png(m)
+
+
+def _client(tmp_path, srv, backend="gemini", **kw):
+    cfg = TeacherConfig(backend=backend, base_url=srv.url + ("/v1" if backend == "openai" else ""), timeout_s=1.0,
+                        http_attempts=3, backoff_s=0.01, **kw)
+    return TeacherClient(cfg, str(tmp_path / "run"))
+
+
+def _payload(item="item1", mask=None, text=PROMPT):
+    return build_payload(item, "You are a surgeon.", text, mask if mask is not None else _mask(), 448)
+
+
+def _audit(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run/teacher/audit.jsonl").read_text().splitlines()]
+
+
+def _assert_only_text_and_binary_pngs(images):
+    for mime, data in images:
+        assert mime == "image/png"
+        img = Image.open(io.BytesIO(data))
+        assert img.mode == "L" and set(np.unique(np.asarray(img)).tolist()) == {0, 255}
+
+
+def test_gemini_answer_audit_and_cache(tmp_path, fake_llm):
+    c = _client(tmp_path, fake_llm)
+    a = c.ask(_payload(), TeacherAnswer)
+    assert "pancreas" in a.value.answer and not a.cached and a.requests == 1
+    assert a.cost_usd == pytest.approx((a.input_tokens * 0.30 + a.output_tokens * 2.50) / 1e6)
+    (req,) = fake_llm.requests
+    assert ":generateContent" in req["path"] and req["headers"].get("x-goog-api-key") == "test-gemini-key"
+    assert any("pancreas" in t for t in gemini_texts(req["body"]))
+    _assert_only_text_and_binary_pngs(gemini_images(req["body"]))
+    assert req["body"]["generationConfig"]["responseMimeType"] == "application/json"
+    (line,) = _audit(tmp_path)
+    assert line["item_id"] == "item1" and line["backend"] == "gemini" and [p["kind"] for p in line["parts"]] == ["text", "mask"]
+    assert {"response_sha256", "input_tokens", "output_tokens", "cost_usd", "time", "model"} <= set(line)
+    again = _client(tmp_path, fake_llm).ask(_payload(), TeacherAnswer)  # a new process would see the same cache
+    assert again.cached and again.value == a.value and len(fake_llm.requests) == 1 and len(_audit(tmp_path)) == 1
+
+
+def test_cache_key_covers_the_mask_and_the_prompt(tmp_path, fake_llm):
+    c = _client(tmp_path, fake_llm)
+    c.ask(_payload(), TeacherAnswer)
+    c.ask(_payload(mask=_mask(seed=1)), TeacherAnswer)
+    c.ask(_payload(text=PROMPT + " Shorter."), TeacherAnswer)
+    assert len(fake_llm.requests) == 3
+
+
+def test_sdk_retries_429_and_503(tmp_path, fake_llm):
+    fake_llm.faults += ["429", "503"]
+    a = _client(tmp_path, fake_llm).ask(_payload(), TeacherAnswer)
+    assert "pancreas" in a.value.answer
+    assert [r["status"] for r in fake_llm.requests] == [429, 503, 200]
+
+
+def test_malformed_json_is_retried_then_quarantined_with_the_raw_text(tmp_path, fake_llm):
+    fake_llm.faults += ["malformed"]
+    a = _client(tmp_path, fake_llm).ask(_payload(), TeacherAnswer)
+    assert a.requests == 2 and len(_audit(tmp_path)) == 2
+    fake_llm.faults += ["malformed"] * 3
+    with pytest.raises(TeacherFailed) as e:
+        _client(tmp_path, fake_llm, max_attempts=3).ask(_payload("item2", mask=_mask(seed=2)), TeacherAnswer)
+    assert "malformed" in e.value.reason and e.value.raw == "this is {not json"
+
+
+@pytest.mark.parametrize("fault", ["timeout", "drop"])
+def test_timeouts_and_dropped_connections_are_retried(tmp_path, fake_llm, fault):
+    fake_llm.faults += [fault]
+    a = _client(tmp_path, fake_llm).ask(_payload(), TeacherAnswer)
+    assert "pancreas" in a.value.answer and len(fake_llm.answered()) == 1
+    errors = [line for line in _audit(tmp_path) if "error" in line]
+    assert len(_audit(tmp_path)) - len(errors) == 1
+
+
+def test_unavailable_teacher_fails_the_item_not_the_run(tmp_path, fake_llm):
+    fake_llm.faults += ["503"] * 20
+    with pytest.raises(TeacherFailed, match="after 2 attempts"):
+        _client(tmp_path, fake_llm, max_attempts=2).ask(_payload(), TeacherAnswer)
+    assert not (tmp_path / "run/teacher/cache").exists()
+
+
+def test_openai_backend(tmp_path, fake_llm):
+    a = _client(tmp_path, fake_llm, backend="openai", model="llama-vision").ask(_payload(), TeacherAnswer)
+    assert "pancreas" in a.value.answer
+    (req,) = fake_llm.requests
+    assert req["path"] == "/v1/chat/completions" and req["body"]["model"] == "llama-vision"
+    assert req["body"]["response_format"] == {"type": "json_object"}
+    _assert_only_text_and_binary_pngs(openai_images(req["body"]))
+    assert len(openai_images(req["body"])) == 1
+
+
+# ---- the privacy guard ------------------------------------------------------------------------
+
+def _frame_png(seed=0, mode="RGB"):
+    arr = np.random.default_rng(seed).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    return encode_png(arr if mode == "RGB" else arr[..., 0])
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: _frame_png(), "not single-channel"),  # a frame or a composite
+    (lambda: _frame_png(mode="L"), "not exactly 0 and 255"),  # a grey frame
+    (lambda: b"\xff\xd8\xff\xe0 a jpeg", "not a PNG"),
+    (lambda: encode_png((np.arange(500 * 500).reshape(500, 500) % 2 * 255).astype(np.uint8)), "larger than"),
+])
+def test_guard_blocks_anything_but_a_binary_mask_and_sends_nothing(tmp_path, fake_llm, make, why):
+    bad = Payload("item1", "sys", (Part("text", text=PROMPT), Part("mask", data=make())), expected_mask_sha256="x")
+    with pytest.raises(PrivacyViolation, match=why):
+        _client(tmp_path, fake_llm).ask(bad, TeacherAnswer)
+    assert fake_llm.requests == [] and not (tmp_path / "run/teacher/audit.jsonl").exists()
+
+
+def test_guard_blocks_another_items_mask_and_extra_images(tmp_path, fake_llm):
+    p = _payload("item1")
+    other = mask_for_teacher(_mask(seed=7), 448)
+    swapped = Payload(p.item_id, p.system, (p.parts[0], Part("mask", data=other)), p.expected_mask_sha256)
+    with pytest.raises(PrivacyViolation, match="hash mismatch"):
+        _client(tmp_path, fake_llm).ask(swapped, TeacherAnswer)
+    twice = Payload(p.item_id, p.system, (*p.parts, p.parts[1]), p.expected_mask_sha256)
+    with pytest.raises(PrivacyViolation, match="at most one mask"):
+        guard(twice, 448)
+    smuggled = Payload(p.item_id, p.system, (Part("image", data=_frame_png()),))
+    with pytest.raises(PrivacyViolation, match="not allowed"):
+        guard(smuggled, 448)
+    assert fake_llm.requests == []
+
+
+def test_builder_downscales_masks_to_mask_size():
+    big = np.zeros((900, 1200), np.uint8)
+    big[100:500, 200:800] = 255
+    p = build_payload("i", "s", "t", encode_png(big), mask_size=300)
+    img = Image.open(io.BytesIO(p.mask))
+    assert max(img.size) == 300
+    guard(p, 300)
+
+
+def test_send_mask_false_sends_text_only(tmp_path, fake_llm):
+    p = build_payload("i", "s", PROMPT, None, 448)
+    _client(tmp_path, fake_llm).ask(p, TeacherAnswer)
+    assert gemini_images(fake_llm.requests[0]["body"]) == []
+
+
+@pytest.fixture(scope="module")
+def shared_llm():
+    from fake_llm import FakeLLM
+
+    with FakeLLM() as srv:
+        yield srv
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=hst.integers(0, 10_000), h=hst.integers(16, 120), w=hst.integers(16, 120), thresh=hst.integers(1, 254))
+def test_property_no_request_carries_more_than_text_and_a_binary_png(tmp_path_factory, shared_llm, seed, h, w, thresh):
+    """Random frames and masks of any shape: whatever the builder makes, the server sees only
+    text and one 0/255 PNG, and the frame's bytes appear nowhere in the request."""
+    rng = np.random.default_rng(seed)
+    frame = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mask = (frame[..., 0] > thresh).astype(np.uint8) * 255
+    if not mask.any() or mask.all():
+        return
+    shared_llm.requests.clear()
+    _client(tmp_path_factory.mktemp("prop"), shared_llm).ask(build_payload("it", "s", PROMPT, encode_png(mask), 448), TeacherAnswer)
+    (req,) = shared_llm.requests
+    imgs = gemini_images(req["body"])
+    assert len(imgs) == 1
+    _assert_only_text_and_binary_pngs(imgs)
+    assert frame.tobytes()[:64] not in req["raw"] and encode_png(frame) not in req["raw"]
+
+
+# ---- the rate limiter ---------------------------------------------------------------------------
+
+def test_limiter_spaces_requests_and_tokens():
+    now = [0.0]
+    lim = RateLimiter(rpm=60, tpm=6000, clock=lambda: now[0])
+    assert [lim.reserve(10) for _ in range(3)] == [0.0, 1.0, 2.0]  # one request a second
+    lim2 = RateLimiter(rpm=6000, tpm=600, clock=lambda: now[0])
+    assert lim2.reserve(100) == 0.0 and lim2.reserve(100) == pytest.approx(10.0)  # 100 tokens = 10 s of a 600 TPM quota
+
+
+def test_limiter_holds_the_configured_rpm_across_threads(tmp_path, fake_llm):
+    """Four threads share one limiter at 1200 RPM: 16 requests cannot span less than 15
+    intervals of 50 ms at the server."""
+    cfg = TeacherConfig(backend="gemini", base_url=fake_llm.url, rpm=1200)
+    wait = local_waiter(RateLimiter(cfg.rpm, cfg.tpm))
+    clients = [TeacherClient(cfg, str(tmp_path / "run"), wait=wait) for _ in range(4)]
+    threads = [threading.Thread(target=lambda c=c, k=k: [c.ask(_payload(f"i{k}-{j}", mask=_mask(seed=k * 10 + j)), TeacherAnswer) for j in range(4)])
+               for k, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    times = sorted(r["time"] for r in fake_llm.requests)
+    assert len(times) == 16
+    assert times[-1] - times[0] >= 15 * 0.05 * 0.95
+    gaps = np.diff(times)
+    assert (gaps > 0.03).sum() >= 13  # spaced, not bursts
+
+
+def test_audit_parts_merge_on_object_storage(s3_bucket, tmp_path, fake_llm):
+    from cmevlm.teacher.client import merge_audit
+
+    cfg = TeacherConfig(backend="gemini", base_url=fake_llm.url)
+    run = s3_bucket + "/run"
+    for k in range(2):
+        c = TeacherClient(cfg, run)
+        c.ask(_payload(f"i{k}", mask=_mask(seed=k)), TeacherAnswer)
+        c.audit.flush()
+    assert merge_audit(Storage(), run + "/teacher/audit.jsonl") == 2
+    assert Storage().list_files(run + "/teacher/audit.jsonl.parts") == []
