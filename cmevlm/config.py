@@ -118,7 +118,9 @@ class TeacherConfig(_Section):
     backoff_s: float = Field(1.0, ge=0, description="First backoff of our own retries (doubles, with jitter).")
     price_input_per_m: float = Field(0.30, ge=0, description="USD per 1M input tokens (gemini-2.5-flash).")
     price_output_per_m: float = Field(2.50, ge=0, description="USD per 1M output tokens (gemini-2.5-flash).")
-    batch: bool = Field(False, description="Use the Gemini Batch API (half price, hours of latency).")
+    batch: bool = Field(False, description="Use the Gemini Batch API (half price, hours of latency); gemini only.")
+    batch_max_requests: int = Field(1000, ge=1, description="Requests per batch job.")
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between polls of a batch job.")
     review_fraction: float = Field(0.1, ge=0, le=1, description="Fraction of items flagged needs_review for the expert.")
 
 

@@ -72,21 +72,29 @@ def teacher_payload(item: dict, cfg: RunConfig):
     return build_payload(item["item_id"], SYSTEM_PROMPT, text, item["mask"] if cfg.teacher.send_mask else None, cfg.teacher.mask_size, params)
 
 
-def ask_teacher(client: TeacherClient, item: dict, cfg: RunConfig) -> dict:
-    """One item -> one result row (an answer, or an error for quarantine)."""
-    out = {"item_id": item["item_id"], "answer": None, "error": None, "raw": None, "input_tokens": 0,
+def result_row(item_id: str, outcome) -> dict:
+    """An Answer, TeacherFailed or PrivacyViolation -> one result row (an error is quarantined)."""
+    out = {"item_id": item_id, "answer": None, "error": None, "raw": None, "input_tokens": 0,
            "output_tokens": 0, "cost_usd": 0.0, "cached": False, "requests": 0}
-    try:
-        a = client.ask(teacher_payload(item, cfg), TeacherAnswer)
-        if not a.value.answer.strip():
-            raise TeacherFailed("teacher returned an empty answer", a.text)
-        out.update(answer=a.value.answer.strip(), input_tokens=a.input_tokens, output_tokens=a.output_tokens,
-                   cost_usd=a.cost_usd, cached=a.cached, requests=a.requests)
-    except TeacherFailed as e:
-        out.update(error=e.reason, raw=e.raw[:4000])
-    except PrivacyViolation as e:
-        out.update(error=f"privacy guard: {e}")
+    if isinstance(outcome, PrivacyViolation):
+        out.update(error=f"privacy guard: {outcome}")
+    elif isinstance(outcome, TeacherFailed):
+        out.update(error=outcome.reason, raw=outcome.raw[:4000])
+    elif not outcome.value.answer.strip():
+        out.update(error="teacher returned an empty answer", raw=outcome.text[:4000])
+    else:
+        out.update(answer=outcome.value.answer.strip(), input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
+                   cost_usd=outcome.cost_usd, cached=outcome.cached, requests=outcome.requests)
     return out
+
+
+def ask_teacher(client: TeacherClient, item: dict, cfg: RunConfig) -> dict:
+    """One item -> one result row."""
+    try:
+        outcome = client.ask(teacher_payload(item, cfg), TeacherAnswer)
+    except (TeacherFailed, PrivacyViolation) as e:
+        outcome = e
+    return result_row(item["item_id"], outcome)
 
 
 def sft_row(item: dict, composite: bytes, answer: str) -> dict:
@@ -162,7 +170,10 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     log.info("teach: %d items (%d outside the CME set left out), backend %s/%s", len(items), skipped_non_cme, cfg.teacher.backend, cfg.teacher.model)
 
     # ---- ask the teacher: an actor pool, one shared limiter
-    results = _ask_all(cfg, items) if items else []
+    if cfg.teacher.batch:
+        results = _ask_batched(cfg, items)
+    else:
+        results = _ask_all(cfg, items) if items else []
     merge_audit(st, join(tdir, "audit.jsonl"))
 
     # ---- assemble the dataset on the driver
@@ -205,6 +216,22 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     log.info("teach: %d train, %d test, %d quarantined; %d requests sent, %d cached; cost $%.4f",
              manifest["train"], manifest["test"], manifest["quarantined"], sent, manifest["cached"], manifest["cost_usd"])
     return manifest
+
+
+def _ask_batched(cfg: RunConfig, items: list[dict]) -> list[dict]:
+    """The Gemini Batch API from the driver: jobs of `teacher.batch_max_requests` items."""
+    if cfg.teacher.backend != "gemini":
+        raise ValueError("teacher.batch needs teacher.backend=gemini")
+    client = TeacherClient(cfg.teacher, cfg.workdir, cfg.storage)
+    results = []
+    n = cfg.teacher.batch_max_requests
+    for i in range(0, len(items), n):
+        chunk = items[i:i + n]
+        outcomes = client.ask_batch([teacher_payload(it, cfg) for it in chunk], TeacherAnswer, join(cfg.workdir, "teacher", "batches"))
+        results += [result_row(it["item_id"], o) for it, o in zip(chunk, outcomes)]
+        client.audit.flush()
+        log.info("teach: batch %d/%d done", i // n + 1, -(-len(items) // n))
+    return results
 
 
 def _ask_all(cfg: RunConfig, items: list[dict]) -> list[dict]:

@@ -18,6 +18,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 GEMINI_PATH = re.compile(r"^/(?P<version>v1\w*)/models/(?P<model>[^:/]+):generateContent$")
+BATCH_CREATE = re.compile(r"^/(?P<version>v1\w*)/models/(?P<model>[^:/]+):batchGenerateContent$")
+BATCH_GET = re.compile(r"^/(?P<version>v1\w*)/(?P<name>batches/[^/?]+)$")
 
 
 def default_answer(prompt: str) -> dict:
@@ -75,6 +77,7 @@ class FakeLLM:
         self.latency, self.responder = latency, responder
         self.requests: list[dict] = []
         self.faults: list[str] = []
+        self.batches: dict[str, dict] = {}  # name -> {"responses": [...], "polls": n}
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -93,6 +96,16 @@ class FakeLLM:
         with self.lock:
             return [r for r in self.requests if r["status"] == 200]
 
+    def _gemini_response(self, body: dict, model: str, fault: str | None) -> dict:
+        prompt = "\n".join(gemini_texts(body))
+        text = "this is {not json" if fault == "malformed" else json.dumps(self.responder(prompt))
+        return {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": len(prompt) // 4, "candidatesTokenCount": len(text) // 4,
+                              "totalTokenCount": len(prompt) // 4 + len(text) // 4},
+            "modelVersion": model,
+        }
+
     def _handler(self):
         fake = self
 
@@ -110,7 +123,7 @@ class FakeLLM:
                     body = {"_unparsed": raw.decode("latin-1")}
                 with fake.lock:
                     fault = fake.faults.pop(0) if fake.faults else None
-                    record = {"path": self.path, "headers": dict(self.headers), "body": body, "raw": raw, "time": time.time(), "fault": fault}
+                    record = {"path": self.path, "headers": dict(self.headers), "body": body, "raw": raw, "time": time.time(), "fault": fault, "status": "pending"}
                     fake.requests.append(record)
                 if fake.latency:
                     time.sleep(fake.latency)
@@ -129,14 +142,16 @@ class FakeLLM:
                 record["status"] = 200
                 m = GEMINI_PATH.match(self.path.split("?")[0])
                 if m:
-                    prompt = "\n".join(gemini_texts(body))
-                    text = "this is {not json" if fault == "malformed" else json.dumps(fake.responder(prompt))
-                    return self._send(200, {
-                        "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
-                        "usageMetadata": {"promptTokenCount": len(prompt) // 4, "candidatesTokenCount": len(text) // 4,
-                                          "totalTokenCount": len(prompt) // 4 + len(text) // 4},
-                        "modelVersion": m["model"],
-                    })
+                    return self._send(200, fake._gemini_response(body, m["model"], fault))
+                m = BATCH_CREATE.match(self.path.split("?")[0])
+                if m:
+                    reqs = body["batch"]["inputConfig"]["requests"]["requests"]
+                    with fake.lock:
+                        name = f"batches/{len(fake.batches) + 1}"
+                        fake.batches[name] = {"polls": 0, "responses": [
+                            {"response": fake._gemini_response(r["request"], m["model"], fault if k == 0 else None), "metadata": r.get("metadata")}
+                            for k, r in enumerate(reqs)]}
+                    return self._send(200, {"name": name, "metadata": {"state": "BATCH_STATE_PENDING", "model": m["model"]}})
                 if self.path.split("?")[0].endswith("/chat/completions"):
                     prompt = "\n".join(openai_texts(body))
                     text = "this is {not json" if fault == "malformed" else json.dumps(fake.responder(prompt))
@@ -149,6 +164,20 @@ class FakeLLM:
                     })
                 record["status"] = 404
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+            def do_GET(self):
+                m = BATCH_GET.match(self.path.split("?")[0])
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": {}, "raw": b"", "time": time.time(),
+                                          "fault": None, "status": 200 if m else 404})
+                    job = fake.batches.get(m["name"]) if m else None
+                if job is None:
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                job["polls"] += 1
+                if job["polls"] < 2:  # running at the first poll: the client must wait
+                    return self._send(200, {"name": m["name"], "metadata": {"state": "BATCH_STATE_RUNNING"}})
+                return self._send(200, {"name": m["name"], "metadata": {
+                    "state": "BATCH_STATE_SUCCEEDED", "output": {"inlinedResponses": {"inlinedResponses": job["responses"]}}}})
 
             def _send(self, code: int, obj: dict):
                 data = json.dumps(obj).encode()

@@ -55,25 +55,55 @@ class GeminiBackend:
         )
         self.client = genai.Client(api_key=key, http_options=http)
 
-    def send(self, payload: Payload, schema: type[BaseModel]) -> Reply:
+    def _contents(self, payload: Payload):
         t = self.types
         parts = [
             t.Part.from_text(text=p.text) if p.kind == "text" else t.Part.from_bytes(data=p.data, mime_type="image/png")
             for p in payload.parts
         ]
-        resp = self.client.models.generate_content(
-            model=self.cfg.model,
-            contents=[t.Content(role="user", parts=parts)],
-            config=t.GenerateContentConfig(
-                system_instruction=payload.system,
-                temperature=payload.params.get("temperature", self.cfg.temperature),
-                max_output_tokens=payload.params.get("max_output_tokens", self.cfg.max_output_tokens),
-                response_mime_type="application/json",
-                response_schema=schema,
-            ),
+        return [t.Content(role="user", parts=parts)]
+
+    def _config(self, payload: Payload, schema: type[BaseModel]):
+        return self.types.GenerateContentConfig(
+            system_instruction=payload.system,
+            temperature=payload.params.get("temperature", self.cfg.temperature),
+            max_output_tokens=payload.params.get("max_output_tokens", self.cfg.max_output_tokens),
+            response_mime_type="application/json",
+            response_schema=schema,
         )
+
+    @staticmethod
+    def _reply(resp) -> Reply:
         u = resp.usage_metadata
         return Reply(resp.text or "", (u.prompt_token_count or 0) if u else 0, (u.candidates_token_count or 0) if u else 0)
+
+    def send(self, payload: Payload, schema: type[BaseModel]) -> Reply:
+        resp = self.client.models.generate_content(
+            model=self.cfg.model, contents=self._contents(payload), config=self._config(payload, schema))
+        return self._reply(resp)
+
+    # -- Batch API (half price; a job may take hours) -------------------------------------------
+
+    def submit_batch(self, payloads: list[Payload], schema: type[BaseModel], name: str) -> str:
+        """Create one batch job of inline requests; returns the job's name."""
+        t = self.types
+        src = [t.InlinedRequest(model=self.cfg.model, contents=self._contents(p), config=self._config(p, schema),
+                                metadata={"item_id": p.item_id}) for p in payloads]
+        job = self.client.batches.create(model=self.cfg.model, src=src, config=t.CreateBatchJobConfig(display_name=name))
+        return job.name
+
+    def collect_batch(self, job_name: str, poll_s: float) -> list[Reply | None]:
+        """Wait for a job; one Reply per request in submission order (None where it failed)."""
+        import time
+
+        done = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
+        job = self.client.batches.get(name=job_name)
+        while job.state is None or job.state.name not in done:
+            time.sleep(poll_s)
+            job = self.client.batches.get(name=job_name)
+        if job.state.name != "JOB_STATE_SUCCEEDED":
+            raise RuntimeError(f"batch job {job_name} ended {job.state.name}")
+        return [self._reply(r.response) if r.response is not None and not r.error else None for r in job.dest.inlined_responses]
 
 
 class OpenAIBackend:

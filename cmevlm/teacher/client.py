@@ -107,55 +107,109 @@ class TeacherClient:
         self.audit = AuditLog(self.storage, join(workdir, audit_file))
         self.wait = wait or (lambda tokens: None)
 
-    def _cost(self, tin: int, tout: int) -> float:
+    def _cost(self, tin: int, tout: int, batch: bool = False) -> float:
         if self.backend.name == "offline":
             return 0.0
-        discount = 0.5 if self.cfg.batch else 1.0
+        discount = 0.5 if batch else 1.0  # the Batch API's price
         return discount * (tin * self.cfg.price_input_per_m + tout * self.cfg.price_output_per_m) / 1e6
 
     def cached(self, key: str) -> dict | None:
         uri = join(self.cache_uri, key[:2], key + ".json")
         return self.storage.read_json(uri) if self.storage.exists(uri) else None
 
+    def _from_cache(self, key: str, schema: type[BaseModel]) -> Answer | None:
+        hit = self.cached(key)
+        if hit is None:
+            return None
+        return Answer(schema.model_validate_json(hit["text"]), hit["text"], hit["input_tokens"], hit["output_tokens"], hit["cost_usd"], True, 0)
+
+    def _record(self, payload: Payload, attempt: int, **extra) -> dict:
+        return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "item_id": payload.item_id,
+                "backend": self.backend.name, "model": self.cfg.model, "attempt": attempt,
+                "parts": [p.describe() for p in payload.parts], **extra}
+
+    def _accept(self, payload: Payload, schema: type[BaseModel], key: str, reply, record: dict, requests: int) -> Answer | str:
+        """Audit one reply; cache and return its Answer, or return why it is malformed."""
+        cost = self._cost(reply.input_tokens, reply.output_tokens, batch="batch_job" in record)
+        self.audit.write({**record, "response_sha256": hashlib.sha256(reply.text.encode()).hexdigest(),
+                          "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens, "cost_usd": round(cost, 8)})
+        try:
+            value = schema.model_validate_json(_strip_fences(reply.text))
+        except ValidationError as e:
+            return f"malformed output: {e.errors()[0]['msg'] if e.errors() else e}"
+        entry = {"key": key, "item_id": payload.item_id, "text": value.model_dump_json(), "input_tokens": reply.input_tokens,
+                 "output_tokens": reply.output_tokens, "cost_usd": cost, "time": record["time"]}
+        self.storage.write_json(join(self.cache_uri, key[:2], key + ".json"), entry)
+        return Answer(value, entry["text"], reply.input_tokens, reply.output_tokens, cost, False, requests)
+
     def ask(self, payload: Payload, schema: type[BaseModel]) -> Answer:
         key = cache_key(self.backend.name, self.cfg.model, payload, schema)
-        hit = self.cached(key)
+        hit = self._from_cache(key, schema)
         if hit is not None:
-            return Answer(schema.model_validate_json(hit["text"]), hit["text"], hit["input_tokens"], hit["output_tokens"], hit["cost_usd"], True, 0)
+            return hit
         guard(payload, self.cfg.mask_size)  # raises PrivacyViolation: nothing is sent
-        parts = [p.describe() for p in payload.parts]
         est_tokens = len(payload.text) // 4 + 258 * (payload.mask is not None) + self.cfg.max_output_tokens
-        raw, last_error, requests = "", "", 0
+        raw, last_error = "", ""
         for attempt in range(1, self.cfg.max_attempts + 1):
             self.wait(est_tokens)
             t0 = time.time()
-            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "item_id": payload.item_id,
-                      "backend": self.backend.name, "model": self.cfg.model, "attempt": attempt, "parts": parts}
-            requests += 1
+            record = self._record(payload, attempt)
             try:
                 reply = self.backend.send(payload, schema)
-            except PrivacyViolation:
-                raise
             except Exception as e:  # transport failures the SDK's own retries did not cure
                 last_error = f"{type(e).__name__}: {e}"[:500]
                 self.audit.write({**record, "error": last_error, "seconds": round(time.time() - t0, 3)})
                 self._backoff(attempt)
                 continue
-            cost = self._cost(reply.input_tokens, reply.output_tokens)
-            self.audit.write({**record, "response_sha256": hashlib.sha256(reply.text.encode()).hexdigest(),
-                              "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
-                              "cost_usd": round(cost, 8), "seconds": round(time.time() - t0, 3)})
             raw = reply.text
-            try:
-                value = schema.model_validate_json(_strip_fences(reply.text))
-            except ValidationError as e:
-                last_error = f"malformed output: {e.errors()[0]['msg'] if e.errors() else e}"
-                continue
-            entry = {"key": key, "item_id": payload.item_id, "text": value.model_dump_json(), "input_tokens": reply.input_tokens,
-                     "output_tokens": reply.output_tokens, "cost_usd": cost, "time": record["time"]}
-            self.storage.write_json(join(self.cache_uri, key[:2], key + ".json"), entry)
-            return Answer(value, entry["text"], reply.input_tokens, reply.output_tokens, cost, False, requests)
+            got = self._accept(payload, schema, key, reply, {**record, "seconds": round(time.time() - t0, 3)}, attempt)
+            if isinstance(got, Answer):
+                return got
+            last_error = got
         raise TeacherFailed(f"teacher failed after {self.cfg.max_attempts} attempts: {last_error}", raw)
+
+    def ask_batch(self, payloads: list[Payload], schema: type[BaseModel], jobs_uri: str) -> list:
+        """Answers for many payloads through the backend's Batch API: one Answer, TeacherFailed
+        or PrivacyViolation per payload. The job's name is stored under `jobs_uri` before
+        waiting, so a rerun after a crash collects the job it already paid for instead of
+        submitting it again. Malformed replies fall back to `ask` (normal requests)."""
+        results: list = [None] * len(payloads)
+        todo = []
+        for i, p in enumerate(payloads):
+            key = cache_key(self.backend.name, self.cfg.model, p, schema)
+            hit = self._from_cache(key, schema)
+            if hit is not None:
+                results[i] = hit
+                continue
+            try:
+                guard(p, self.cfg.mask_size)
+            except PrivacyViolation as e:
+                results[i] = e
+                continue
+            todo.append((i, p, key))
+        if not todo:
+            return results
+        chunk = hashlib.sha256("".join(k for _, _, k in todo).encode()).hexdigest()[:20]
+        record_uri = join(jobs_uri, chunk + ".json")
+        if self.storage.exists(record_uri):
+            job = self.storage.read_json(record_uri)["job"]
+            log.info("batch job %s was submitted before; collecting it", job)
+        else:
+            job = self.backend.submit_batch([p for _, p, _ in todo], schema, f"cmevlm-{chunk}")
+            self.storage.write_json(record_uri, {"job": job, "items": [p.item_id for _, p, _ in todo]})
+        replies = self.backend.collect_batch(job, self.cfg.batch_poll_s)
+        for (i, p, key), reply in zip(todo, replies):
+            got = "batch request failed"
+            if reply is not None:
+                got = self._accept(p, schema, key, reply, self._record(p, 1, batch_job=job), 1)
+            if isinstance(got, Answer):
+                results[i] = got
+                continue
+            try:
+                results[i] = self.ask(p, schema)
+            except (TeacherFailed, PrivacyViolation) as e:
+                results[i] = e
+        return results
 
     def _backoff(self, attempt: int) -> None:
         if attempt < self.cfg.max_attempts:
