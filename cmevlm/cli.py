@@ -24,6 +24,8 @@ ENV_DEFAULTS = {
     "RAY_AUTH_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
+    # DeepSpeed's CPU comm op is compiled once by `make install` into the environment.
+    "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions"),
 }
 
 
@@ -98,12 +100,30 @@ def cmd_teach(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from cmevlm.train import sft
+
+    m = sft.run(_load(args), force=args.force)
+    print(f"sft: {m['global_step']} steps -> {m.get('training', {}).get('output', 'models/sft')}{' (skipped: already complete)' if m.get('skipped') else ''}")
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from cmevlm.train import dpo
+
+    m = dpo.run(_load(args), force=args.force)
+    print(f"dpo: {m['global_step']} steps -> {m.get('training', {}).get('output', 'models/dpo')}{' (skipped: already complete)' if m.get('skipped') else ''}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cmevlm import demo
 
     cfg = _load(args)
     if args.workdir:
-        cfg = _rebase(cfg, args.workdir)
+        from cmevlm.config import _absolute
+
+        cfg = _rebase(cfg, _absolute(args.workdir))
     summary = demo.run(cfg, procedures=args.procedures, frames_per_procedure=args.frames_per_procedure)
     print(f"demo: done in {cfg.workdir}: {summary}")
     return 0
@@ -176,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--force", action="store_true", help="reassemble even when sft/manifest.json says complete (cached answers are reused)")
     p.set_defaults(func=cmd_teach)
+
+    p = sub.add_parser("sft", help="SFT of Qwen2.5-VL on Ray Train + DeepSpeed + TRL (vision encoder frozen)",
+                       description="Supervised fine-tuning on <workdir>/sft/train with TRL's SFTTrainer in a Ray Train "
+                       "TorchTrainer under DeepSpeed ZeRO; vision encoder frozen, merger and LM trained. Checkpoints in "
+                       "<workdir>/checkpoints/sft, the model in <workdir>/models/sft.")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="train again even when models/sft is complete")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("dpo", help="DPO of the SFT model on the preference dataset (all components trained)",
+                       description="Direct preference optimisation on <workdir>/preferences with TRL's DPOTrainer in a Ray "
+                       "Train TorchTrainer under DeepSpeed ZeRO; reference = the frozen SFT model; every component trained.")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="train again even when models/dpo is complete")
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("demo", help="run the whole method offline on a laptop (what `make demo` runs)",
                        description="Synthetic data, a tiny Qwen2.5-VL, then every pipeline stage with the demo "

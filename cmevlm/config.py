@@ -124,6 +124,53 @@ class TeacherConfig(_Section):
     review_fraction: float = Field(0.1, ge=0, le=1, description="Fraction of items flagged needs_review for the expert.")
 
 
+class _Training(_Section):
+    """What SFT and DPO share: the Ray Train scaling, DeepSpeed, the optimiser schedule,
+    checkpoints. Effective batch = per_device_batch_size x grad accumulation x num_workers;
+    the accumulation is derived from `effective_batch_size`."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a cluster).")
+    use_gpu: bool = Field(False, description="Workers take a GPU each.")
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1, accelerator_type:H100: 0.001}.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="How workers are placed on nodes.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the dataset.")
+    max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1 = run the epochs).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up as a fraction of the steps.")
+    scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
+    per_device_batch_size: int = Field(4, ge=1)
+    effective_batch_size: int = Field(16, ge=1, description="Examples per optimiser step over all workers.")
+    max_length: int | None = Field(None, description="Token limit of an example; None = no truncation (a cut through image tokens is an error).")
+    zero_stage: Literal[0, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (0 = plain DDP without DeepSpeed).")
+    bf16: bool = Field(False, description="bf16 mixed precision (GPU clusters; CPUs here have no fast bf16).")
+    offload: bool = Field(False, description="ZeRO CPU offload of optimiser states (and parameters at stage 3).")
+    freeze: str | None = Field(None, description="Freeze policy: sft | dpo | lm_only | none; None = the stage's own.")
+    checkpoint_every: int = Field(50, ge=1, description="Optimiser steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept under <workdir>/checkpoints/<stage>.")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
+    logging_steps: int = Field(1, ge=1)
+    seed: int = Field(0)
+
+
+class SFTStageConfig(_Training):
+    """Step 1: SFT. Vision encoder frozen; merger and language model trained."""
+
+    data: str = Field("sft/train", description="Dataset under the workdir (or a full URI).")
+    output: str = Field("models/sft", description="Model directory under the workdir.")
+
+
+class DPOStageConfig(_Training):
+    """Step 3: DPO against the frozen SFT model; all components trained."""
+
+    lr: float = Field(5e-7, gt=0, description="Peak learning rate (AdamW).")
+    beta: float = Field(0.1, gt=0, description="DPO temperature (Rafailov et al. 2023).")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss type.")
+    data: str = Field("preferences", description="Preference dataset under the workdir (or a full URI).")
+    model: str = Field("models/sft", description="Policy and reference model under the workdir (or a full URI).")
+    output: str = Field("models/dpo", description="Model directory under the workdir.")
+
+
 class ModelConfig(_Section):
     """The base model."""
 
@@ -146,6 +193,8 @@ class RunConfig(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,9 +270,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         apply_override(data, *parse_override(text))
     try:
-        return RunConfig.model_validate(data)
+        return absolute_paths(RunConfig.model_validate(data))
     except ValidationError as e:
         raise ConfigError(_explain(e, RunConfig)) from None
+
+
+def _absolute(uri: str) -> str:
+    if "://" in uri or Path(uri).expanduser().is_absolute():
+        return str(Path(uri).expanduser()) if "://" not in uri else uri
+    return str(Path.cwd() / uri)
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Resolve relative local paths against the current directory, once, on the driver: Ray
+    workers run in other directories."""
+    cfg.workdir = _absolute(cfg.workdir)
+    cfg.model.base = _absolute(cfg.model.base)
+    for s in cfg.sources:
+        s.uri = _absolute(s.uri)
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

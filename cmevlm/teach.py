@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from cmevlm.config import RunConfig
 from cmevlm.data.composite import Geometry
+from cmevlm.data.formats import SFT_SCHEMA, assistant_turn, image, user_turn
 from cmevlm.storage import Storage, join
 from cmevlm.teacher.backends import TeacherAnswer
 from cmevlm.teacher.client import TeacherClient, TeacherFailed, merge_audit
@@ -38,14 +39,6 @@ log = logging.getLogger(__name__)
 TEACH_COLUMNS = ["item_id", "procedure_id", "site", "laterality", "phase", "structure", "in_cme_set", "frame_id",
                  "split", "mask", "area_fraction", "bbox", "centroid", "region"]
 
-IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-CONTENT = pa.struct([("type", pa.string()), ("text", pa.string())])
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(CONTENT))])
-SFT_SCHEMA = pa.schema([
-    ("images", pa.list_(IMAGE)), ("messages", pa.list_(MESSAGE)),
-    ("item_id", pa.string()), ("procedure_id", pa.string()), ("site", pa.string()), ("structure", pa.string()),
-    ("laterality", pa.string()), ("phase", pa.string()), ("template_id", pa.string()), ("needs_review", pa.bool_()),
-])
 RESULT_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("answer", pa.string()), ("error", pa.string()), ("raw", pa.string()),
     ("input_tokens", pa.int64()), ("output_tokens", pa.int64()), ("cost_usd", pa.float64()),
@@ -101,11 +94,8 @@ def sft_row(item: dict, composite: bytes, answer: str) -> dict:
     """A TRL conversational SFT row: the student sees the composite and the instruction only."""
     prompt = TEMPLATE_BY_ID[item["template_id"]].text
     return {
-        "images": [{"bytes": composite, "path": None}],
-        "messages": [
-            {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": prompt}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ],
+        "images": [image(composite)],
+        "messages": [user_turn(prompt), assistant_turn(answer)],
         **{k: item[k] for k in ("item_id", "procedure_id", "site", "structure", "laterality", "phase", "template_id", "needs_review")},
     }
 

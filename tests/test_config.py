@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_config_loads_with_defaults():
     cfg = load_config()
     assert isinstance(cfg, RunConfig)
-    assert cfg.workdir == "runs/demo"
+    assert cfg.workdir == str(Path.cwd() / "runs/demo")  # relative paths resolve once, on the driver
     assert cfg.data.overlay_color == (0, 255, 0)
     assert cfg.sources[0].layout == "cmevlm"
 
@@ -35,6 +35,7 @@ def test_nested_list_and_mapping_overrides():
     assert [s.layout for s in cfg.sources] == ["dsad", "cmevlm"]
     assert cfg.storage.endpoint == "http://127.0.0.1:9000" and cfg.storage.region == "eu-west-1"
     assert cfg.workdir == "s3://bucket/run1"
+    assert cfg.sources[0].uri == "/data"
 
 
 def test_later_override_wins():

@@ -1,0 +1,273 @@
+"""What the SFT and DPO recipes share: the DeepSpeed seam, datasets, Ray Train wiring, export.
+
+DeepSpeed is configured in one place (`deepspeed_config`) and handed to the HF Trainer inside
+each Ray Train worker. On CPU it trains with gloo; the HF Trainer's torch AdamW is used rather
+than a DeepSpeed `optimizer` entry (which would compile fused_adam for 78 s on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from cmevlm.config import RunConfig, _Training
+from cmevlm.storage import Storage, is_s3, join
+
+log = logging.getLogger(__name__)
+
+FINAL_MARKER = "final.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters
+
+
+def grad_accumulation(t: _Training) -> int:
+    """Accumulation steps that bring per-device batch x workers to the effective batch."""
+    return max(1, round(t.effective_batch_size / (t.per_device_batch_size * t.num_workers)))
+
+
+def deepspeed_config(t: _Training) -> dict | None:
+    """The ZeRO config both recipes use; 'auto' values are filled by the HF Trainer from its args."""
+    if t.zero_stage == 0:
+        return None
+    zero: dict = {"stage": t.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if t.zero_stage == 3:
+        # Gather the full weights on save so save_model writes a loadable model.
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold="auto")
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+        if t.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "wall_clock_breakdown": False,
+    }
+
+
+def trainer_kwargs(t: _Training, output_dir: str) -> dict:
+    """Arguments shared by SFTConfig and DPOConfig."""
+    return dict(
+        output_dir=output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=grad_accumulation(t),
+        bf16=t.bf16,
+        use_cpu=not t.use_gpu,
+        gradient_checkpointing=False,
+        deepspeed=deepspeed_config(t),
+        optim="adamw_torch",
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every,
+        save_total_limit=t.keep_checkpoints,
+        report_to=[],
+        seed=t.seed,
+        data_seed=t.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def effective_values(t: _Training) -> dict:
+    acc = grad_accumulation(t)
+    return {**t.model_dump(mode="json"), "gradient_accumulation_steps": acc,
+            "effective_batch_size_actual": acc * t.per_device_batch_size * t.num_workers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def stage_uri(cfg: RunConfig, path: str) -> str:
+    """A stage path under the workdir, unless it is already a full URI or absolute path."""
+    return path if is_s3(path) or os.path.isabs(path) else join(cfg.workdir, path)
+
+
+def load_dataset(storage: Storage, uri: str, image_columns=("images",)):
+    """Parquet rows in TRL's format -> a `datasets.Dataset` whose images decode to PIL."""
+    import datasets
+
+    table = storage.read_parquet(uri)
+    ds = datasets.Dataset(table)
+    for c in image_columns:
+        ds = ds.cast_column(c, datasets.List(datasets.Image()))
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a worker
+
+
+class MetricsCallback:
+    """Per logging step: loss, lr, grad norm, samples/s and tokens/s (rank 0 keeps them)."""
+
+    def __new__(cls, examples_per_step: int):
+        from transformers import TrainerCallback
+
+        class _Metrics(TrainerCallback):
+            def __init__(self):
+                self.rows, self.last_time, self.last_step, self.last_tokens = [], time.time(), 0, 0
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if not logs or "loss" not in logs:
+                    return
+                now = time.time()
+                dt, steps = max(now - self.last_time, 1e-9), state.global_step - self.last_step
+                tokens = logs.get("num_tokens", 0) or 0
+                self.rows.append({
+                    "step": state.global_step, "loss": logs.get("loss"), "lr": logs.get("learning_rate"),
+                    "grad_norm": logs.get("grad_norm"), "samples_per_s": steps * examples_per_step / dt,
+                    "tokens_per_s": (tokens - self.last_tokens) / dt if tokens else None,
+                    **{k: v for k, v in logs.items() if k.startswith("rewards/") or k in ("logps/chosen", "logps/rejected")},
+                })
+                self.last_time, self.last_step, self.last_tokens = now, state.global_step, tokens
+
+        return _Metrics()
+
+
+def resume_dir(scratch: str) -> str | None:
+    """The HF checkpoint to resume from, copied out of Ray Train's latest checkpoint."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    dest = Path(scratch, "resume")
+    shutil.rmtree(dest, ignore_errors=True)
+    with ckpt.as_directory() as d:
+        shutil.copytree(d, dest)
+    hf = dest / "checkpoint"
+    log.info("resuming from %s", hf)
+    return str(hf) if hf.exists() else None
+
+
+def report_final(trainer, metrics: list[dict], extra: dict, scratch: str) -> None:
+    """Every rank saves (ZeRO-3 gathers on all ranks); rank 0 reports the final model."""
+    import ray.train
+
+    final = Path(scratch, "final")
+    trainer.save_model(str(final))
+    ctx = ray.train.get_context()
+    if ctx.get_world_rank() == 0:
+        (final / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        (final / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+        (final / FINAL_MARKER).write_text(json.dumps({"global_step": trainer.state.global_step, **extra}))
+        ray.train.report({"final": 1, "step": trainer.state.global_step}, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+    else:
+        ray.train.report({"final": 1, "step": trainer.state.global_step})
+
+
+def scratch_dir(stage: str) -> str:
+    return tempfile.mkdtemp(prefix=f"cmevlm-{stage}-")
+
+
+# ---------------------------------------------------------------------------------------------
+# On the driver
+
+
+def fit(cfg: RunConfig, t: _Training, stage: str, loop, loop_config: dict):
+    """Run `loop` on a Ray Train TorchTrainer; returns the Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cmevlm.cluster import connect
+
+    connect(cfg.ray)
+    storage = Storage(cfg.storage)
+    fs, path = storage.resolve(join(cfg.workdir, "checkpoints"))
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker,
+                                     placement_strategy=t.placement_strategy),
+        run_config=RayRunConfig(
+            name=stage, storage_path=path, storage_filesystem=fs if is_s3(cfg.workdir) else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints + 1),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def export_model(cfg: RunConfig, result, base_uri: str, out_uri: str, frozen: set[str], extra: dict) -> dict:
+    """Final Ray checkpoint -> a Hugging Face model directory at `out_uri`.
+
+    The trained weights are loaded through transformers (which maps saved key names back to
+    the architecture's) and refused if any key is missing or unexpected (ZeRO-3 can save LM
+    keys as `model.model.*`); frozen tensors are copied bit for bit from the base (bf16
+    training casts them); the model is written in fp32 with the base's processor, chat
+    template and generation config, plus training_args.json, metrics.jsonl and loss.png."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from cmevlm.model.loading import load_model, load_processor
+    from cmevlm.train.freeze import component
+
+    storage = Storage(cfg.storage)
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"training ended without a checkpoint: {result.error}")
+    with ckpt.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+        d = Path(d)
+        if not (d / FINAL_MARKER).exists():
+            raise RuntimeError(f"training did not finish (its last checkpoint is not final): {result.error}")
+        model, info = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            raise RuntimeError(f"trained weights do not match the architecture: {bad}")
+        base = load_model(base_uri, cfg.storage).state_dict()
+        state = model.state_dict()
+        for k in state:
+            if component(k) in frozen:
+                state[k] = base[k]
+        model.load_state_dict(state)
+        model.generation_config = load_model(base_uri, cfg.storage).generation_config
+        model.save_pretrained(tmp)
+        load_processor(base_uri, cfg.storage).save_pretrained(tmp)
+        for name in ("metrics.jsonl", "log_history.json"):
+            if (d / name).exists():
+                shutil.copy(d / name, Path(tmp, name))
+        final = json.loads((d / FINAL_MARKER).read_text())
+        Path(tmp, "training_args.json").write_text(json.dumps({**extra, **final}, indent=2, sort_keys=True))
+        _loss_plot(Path(tmp, "metrics.jsonl"), Path(tmp, "loss.png"), extra.get("stage", ""))
+        storage.delete(out_uri)
+        storage.upload_dir(tmp, out_uri)
+        return final
+
+
+def _loss_plot(metrics: Path, out: Path, title: str) -> None:
+    if not metrics.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", lw=1)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{title} loss".strip())
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

@@ -1,0 +1,76 @@
+"""DPO of the SFT model (paper, Step 3): every component trained, reference = frozen SFT model.
+
+    cmevlm dpo --config configs/demo.yaml [--set dpo.beta=0.1 --set dpo.zero_stage=3]
+    python jobs/dpo.py --config /etc/cmevlm/run.yaml
+
+The same Ray Train + DeepSpeed wiring as SFT, running TRL's DPOTrainer on the preference rows
+(`images`, `prompt`, `chosen`, `rejected`). The policy is loaded from the SFT model's directory
+and `ref_model=None` makes TRL load the reference from that same directory, frozen; the first
+loss is then ln 2 = 0.6931 (policy = reference).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from cmevlm.config import RunConfig
+from cmevlm.storage import Storage
+from cmevlm.train import common
+from cmevlm.train.freeze import COMPONENTS, apply_freeze, trainable
+
+log = logging.getLogger(__name__)
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: build, (resume,) train, report the final model."""
+    cfg = RunConfig.model_validate_json(config["cfg"])
+    t = cfg.dpo
+    if t.zero_stage == 3:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from trl import DPOConfig, DPOTrainer
+
+    from cmevlm.model.loading import load_model, load_processor, local_model_dir
+
+    scratch = common.scratch_dir("dpo")
+    args = DPOConfig(**common.trainer_kwargs(t, scratch), beta=t.beta, loss_type=[t.loss_type], max_length=t.max_length)
+    policy_dir = str(local_model_dir(config["policy"], cfg.storage))  # TRL reloads the reference from it
+    model = load_model(policy_dir)
+    processor = load_processor(policy_dir)
+    processor.tokenizer.padding_side = "right"
+    counts = apply_freeze(model, config["freeze"])
+    dataset = common.load_dataset(Storage(cfg.storage), config["data"])
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=processor)
+    metrics = common.MetricsCallback(t.per_device_batch_size * common.grad_accumulation(t) * t.num_workers)
+    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(metrics)
+    trainer = prepare_trainer(trainer)
+    if ray.train.get_context().get_world_rank() == 0:
+        log.info("dpo: %d pairs, trainable parameters %s", len(dataset), json.dumps(counts))
+    trainer.train(resume_from_checkpoint=common.resume_dir(scratch))
+    common.report_final(trainer, metrics.rows, {"parameters": counts}, scratch)
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    """Train and export; skipped when `models/dpo` has a manifest."""
+    st = Storage(cfg.storage)
+    t = cfg.dpo
+    out, data, policy = common.stage_uri(cfg, t.output), common.stage_uri(cfg, t.data), common.stage_uri(cfg, t.model)
+    if st.is_complete(out) and not force:
+        log.info("dpo: %s is complete, skipped", out)
+        return {**st.read_manifest(out), "skipped": True}
+    for need, what in ((data, "the prefer stage's preferences"), (policy, "the SFT model")):
+        if not st.is_complete(need):
+            raise FileNotFoundError(f"dpo needs {what} at {need}")
+    freeze = t.freeze or "dpo"
+    result = common.fit(cfg, t, "dpo", train_loop, {"cfg": cfg.model_dump_json(), "policy": policy, "data": data, "freeze": freeze})
+    frozen = {c for c in COMPONENTS if not trainable(freeze, c)}
+    values = {"stage": "dpo", "policy": policy, "reference": policy, "data": data, "freeze": freeze, **common.effective_values(t)}
+    final = common.export_model(cfg, result, policy, out, frozen, values)
+    manifest = st.write_manifest(out, stage="dpo", global_step=final["global_step"], parameters=final["parameters"], training=values)
+    log.info("dpo: %d steps -> %s", final["global_step"], out)
+    return manifest

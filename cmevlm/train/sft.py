@@ -1,0 +1,78 @@
+"""SFT of Qwen2.5-VL (paper, Step 1): vision encoder frozen; merger and language model trained.
+
+    cmevlm sft --config configs/demo.yaml [--set sft.num_workers=2 --set sft.zero_stage=3]
+    python jobs/sft.py --config /etc/cmevlm/run.yaml
+
+A Ray Train TorchTrainer runs `train_loop` on `sft.num_workers` workers; each runs TRL's
+SFTTrainer under DeepSpeed ZeRO (`sft.zero_stage`) with assistant-only loss. Every worker reads
+the whole (small) SFT table and the HF Trainer's distributed sampler gives each its shard:
+simpler than streaming Ray Data shards into a vision collator, and the table of composites is
+a few hundred MB even for thousands of items. Checkpoints go to `<workdir>/checkpoints/sft/`
+every `sft.checkpoint_every` steps; a failed worker group restarts from the last one.
+The result is exported to `<workdir>/models/sft/` in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from cmevlm.config import RunConfig
+from cmevlm.storage import Storage, join
+from cmevlm.train import common
+from cmevlm.train.freeze import COMPONENTS, apply_freeze, trainable
+
+log = logging.getLogger(__name__)
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: build, (resume,) train, report the final model."""
+    cfg = RunConfig.model_validate_json(config["cfg"])
+    t = cfg.sft
+    if t.zero_stage == 3:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")  # before zero.Init sees the world
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from trl import SFTConfig, SFTTrainer
+
+    from cmevlm.model.loading import load_model, load_processor
+
+    scratch = common.scratch_dir("sft")
+    args = SFTConfig(**common.trainer_kwargs(t, scratch), max_length=t.max_length, assistant_only_loss=True)
+    model = load_model(config["base"], cfg.storage)
+    processor = load_processor(config["base"], cfg.storage)
+    processor.tokenizer.padding_side = "right"  # training pads right; generation pads left
+    counts = apply_freeze(model, config["freeze"])
+    dataset = common.load_dataset(Storage(cfg.storage), config["data"])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    metrics = common.MetricsCallback(t.per_device_batch_size * common.grad_accumulation(t) * t.num_workers)
+    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(metrics)
+    trainer = prepare_trainer(trainer)
+    if ray.train.get_context().get_world_rank() == 0:
+        log.info("sft: %d examples, trainable parameters %s", len(dataset), json.dumps(counts))
+    trainer.train(resume_from_checkpoint=common.resume_dir(scratch))
+    common.report_final(trainer, metrics.rows, {"parameters": counts}, scratch)
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    """Train and export; skipped when `models/sft` has a manifest."""
+    st = Storage(cfg.storage)
+    t = cfg.sft
+    out, data = common.stage_uri(cfg, t.output), common.stage_uri(cfg, t.data)
+    if st.is_complete(out) and not force:
+        log.info("sft: %s is complete, skipped", out)
+        return {**st.read_manifest(out), "skipped": True}
+    if not st.is_complete(join(cfg.workdir, "sft")) and data == join(cfg.workdir, "sft/train"):
+        raise FileNotFoundError(f"sft needs the teach stage's dataset at {data} (run `cmevlm teach`)")
+    policy = t.freeze or "sft"
+    base = cfg.model.base
+    result = common.fit(cfg, t, "sft", train_loop, {"cfg": cfg.model_dump_json(), "base": base, "data": data, "freeze": policy})
+    frozen = {c for c in COMPONENTS if not trainable(policy, c)}
+    values = {"stage": "sft", "base": base, "data": data, "freeze": policy, **common.effective_values(t)}
+    final = common.export_model(cfg, result, base, out, frozen, values)
+    manifest = st.write_manifest(out, stage="sft", global_step=final["global_step"], parameters=final["parameters"], training=values)
+    log.info("sft: %d steps -> %s", final["global_step"], out)
+    return manifest
