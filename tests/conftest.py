@@ -24,6 +24,23 @@ import pytest  # noqa: E402
 from fake_llm import FakeLLM  # noqa: E402
 
 
+def kill_ray_session(driver_pid: int) -> None:
+    """Kill what a SIGKILLed driver's local Ray left behind. Ray starts its GCS, raylet and
+    workers outside the driver's process group, so killing the group is not enough; they are
+    found by the session name, which ends with the driver's pid."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if f"_{driver_pid}/" in " ".join(p.info["cmdline"] or [])
+             or f"_{driver_pid} " in " ".join(p.info["cmdline"] or []) + " "]
+    victims = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}
+    for p in victims.values():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(victims.values()), timeout=10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ from cmevlm import ingest, teach
 from cmevlm.config import load_config
 from cmevlm.storage import Storage, join
 from cmevlm.teacher.prompts import TEMPLATES
+from conftest import kill_ray_session
 from fake_llm import FakeLLM, gemini_images, gemini_texts
 from test_teacher import _assert_only_text_and_binary_pngs
 
@@ -141,6 +142,7 @@ def test_kill_9_midway_then_resume_pays_for_nothing_twice(ray_local, tmp_path, f
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        kill_ray_session(proc.pid)
         time.sleep(0.5)
         before = len(srv.requests)
         assert 12 <= before, "the first run did not get going"

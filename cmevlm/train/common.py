@@ -233,14 +233,12 @@ def export_model(cfg: RunConfig, result, base_uri: str, out_uri: str, frozen: se
         bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if bad:
             raise RuntimeError(f"trained weights do not match the architecture: {bad}")
-        base = load_model(base_uri, cfg.storage).state_dict()
-        state = model.state_dict()
-        for k in state:
-            if component(k) in frozen:
-                state[k] = base[k]
-        model.load_state_dict(state)
-        model.generation_config = load_model(base_uri, cfg.storage).generation_config
-        model.save_pretrained(tmp)
+        # Save through a model loaded from the base: transformers 5 saves in the key format a
+        # model was loaded from, and the base's is the architecture's own.
+        out = load_model(base_uri, cfg.storage)
+        base, trained = out.state_dict(), model.state_dict()
+        out.load_state_dict({k: base[k] if component(k) in frozen else trained[k] for k in base})
+        out.to(torch.float32).save_pretrained(tmp)
         load_processor(base_uri, cfg.storage).save_pretrained(tmp)
         for name in ("metrics.jsonl", "log_history.json"):
             if (d / name).exists():

@@ -39,7 +39,8 @@ def apply_freeze(model, policy: str) -> dict[str, dict[str, int]]:
     for name, p in model.named_parameters():
         c = component(name)
         p.requires_grad_(trainable(policy, c))
-        counts[c]["total"] += p.numel()
-        counts[c]["trainable"] += p.numel() if p.requires_grad else 0
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions parameters: ds_numel is the full size
+        counts[c]["total"] += n
+        counts[c]["trainable"] += n if p.requires_grad else 0
     log.info("freeze %s: %s", policy, ", ".join(f"{c} {v['trainable']:,}/{v['total']:,}" for c, v in counts.items()))
     return counts
