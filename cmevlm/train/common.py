@@ -136,10 +136,19 @@ class MetricsCallback:
                     "grad_norm": logs.get("grad_norm"), "samples_per_s": steps * examples_per_step / dt,
                     "tokens_per_s": (tokens - self.last_tokens) / dt if tokens else None,
                     **{k: v for k, v in logs.items() if k.startswith("rewards/") or k in ("logps/chosen", "logps/rejected")},
+                    **_gpu_memory(),
                 })
                 self.last_time, self.last_step, self.last_tokens = now, state.global_step, tokens
 
         return _Metrics()
+
+
+def _gpu_memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def resume_dir(scratch: str) -> str | None:
