@@ -37,9 +37,12 @@ def run(cfg: RunConfig, procedures: int = 12, frames_per_procedure: int = 30) ->
     summary["base_model"] = str(base)
     # ---- the pipeline's stages
     from cmevlm import ingest, teach
+    from cmevlm.train import sft
 
     m = ingest.run(cfg)
     summary["ingest"] = {"accepted": m["accepted"], "quarantined": m["quarantined"]}
     m = teach.run(cfg)
     summary["teach"] = {"train": m["train"], "test": m["test"], "quarantined": m["quarantined"]}
+    m = sft.run(cfg)
+    summary["sft"] = {"steps": m["global_step"]}
     return summary
