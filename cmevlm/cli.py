@@ -116,6 +116,23 @@ def cmd_dpo(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from cmevlm import sample
+
+    m = sample.run(_load(args), force=args.force)
+    print(f"sample: {m['items']} items x 5 answers ({m['generated']} generated now){' (skipped: already complete)' if m.get('skipped') else ''}")
+    return 0
+
+
+def cmd_prefer(args) -> int:
+    from cmevlm import prefer
+
+    m = prefer.run(_load(args), force=args.force)
+    print(f"prefer: {m['pairs']} preference pairs, {m['quarantined']} quarantined; {m['requests_sent']} judge requests"
+          f"{' (skipped: already complete)' if m.get('skipped') else ''}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cmevlm import demo
 
@@ -204,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--force", action="store_true", help="train again even when models/sft is complete")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("sample", help="five answers per item from the frozen SFT model, one per sampling setting",
+                       description="Load models/sft once per actor (Ray Data actor pool; GPU actors on clusters) and answer every "
+                       "pool item five times with five distinct temperature/top_p/seed settings, batched across items. "
+                       "Resumable: a rerun generates only the items without answers.")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="discard earlier samples and generate again")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("prefer", help="the judge picks accepted/rejected answers (text only) -> the DPO dataset",
+                       description="Send each item's five answers and its ground truth, as text only, through the same guarded, "
+                       "audited, cached and rate-limited client as the teacher; the judge (judge.backend) names one accepted "
+                       "and one rejected answer. Writes <workdir>/preferences in TRL's preference format.")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="reassemble even when preferences/manifest.json says complete")
+    p.set_defaults(func=cmd_prefer)
 
     p = sub.add_parser("dpo", help="DPO of the SFT model on the preference dataset (all components trained)",
                        description="Direct preference optimisation on <workdir>/preferences with TRL's DPOTrainer in a Ray "

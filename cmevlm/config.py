@@ -171,6 +171,44 @@ class DPOStageConfig(_Training):
     output: str = Field("models/dpo", description="Model directory under the workdir.")
 
 
+class SamplingSetting(_Section):
+    temperature: float = Field(gt=0, description="Sampling temperature.")
+    top_p: float = Field(gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int = Field(description="Torch seed of this setting's generate call.")
+
+
+def _default_settings() -> list[SamplingSetting]:
+    pairs = [(0.3, 0.9), (0.7, 0.9), (1.0, 0.95), (1.2, 1.0), (0.7, 0.8)]
+    return [SamplingSetting(temperature=t, top_p=p, seed=1000 + i) for i, (t, p) in enumerate(pairs)]
+
+
+class SampleConfig(_Section):
+    """Step 2a: the frozen SFT model answers each pool item five times, one setting each."""
+
+    model: str = Field("models/sft", description="Model under the workdir (or a full URI).")
+    pool: str = Field("sft/train", description="Items to answer: a dataset under the workdir.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N pool items.")
+    settings: list[SamplingSetting] = Field(default_factory=_default_settings, description="Five distinct (temperature, top_p, seed).")
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1, description="Items per generate call.")
+    concurrency: int = Field(1, ge=1, description="Model replicas (actors).")
+    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per replica (1 on a GPU cluster, 0 on CPU).")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per replica.")
+
+    @field_validator("settings")
+    @classmethod
+    def _five_distinct(cls, v):
+        if len(v) != 5 or len({(s.temperature, s.top_p) for s in v}) != 5:
+            raise ValueError("sample.settings must be 5 distinct (temperature, top_p) pairs")
+        return v
+
+
+class PreferConfig(_Section):
+    """Step 2b: the judge picks an accepted and a rejected answer per item (text only)."""
+
+    review_fraction: float = Field(0.1, ge=0, le=1, description="Fraction of pairs flagged needs_review.")
+
+
 class ModelConfig(_Section):
     """The base model."""
 
@@ -193,6 +231,9 @@ class RunConfig(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    judge: TeacherConfig = Field(default_factory=TeacherConfig, description="The LLM judge (prefer, evaluate); same options as teacher.")
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    prefer: PreferConfig = Field(default_factory=PreferConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
 

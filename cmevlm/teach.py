@@ -28,9 +28,9 @@ from cmevlm.config import RunConfig
 from cmevlm.data.composite import Geometry
 from cmevlm.data.formats import SFT_SCHEMA, assistant_turn, image, user_turn
 from cmevlm.storage import Storage, join
+from cmevlm.teacher import pool
 from cmevlm.teacher.backends import TeacherAnswer
-from cmevlm.teacher.client import TeacherClient, TeacherFailed, merge_audit
-from cmevlm.teacher.payload import PrivacyViolation, build_payload
+from cmevlm.teacher.client import merge_audit
 from cmevlm.teacher.prompts import SYSTEM_PROMPT, TEMPLATE_BY_ID, assign_template, teacher_prompt
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,6 @@ log = logging.getLogger(__name__)
 # What the teacher stage reads of `frames/`: metadata and the mask. Never `composite`.
 TEACH_COLUMNS = ["item_id", "procedure_id", "site", "laterality", "phase", "structure", "in_cme_set", "frame_id",
                  "split", "mask", "area_fraction", "bbox", "centroid", "region"]
-
-RESULT_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("answer", pa.string()), ("error", pa.string()), ("raw", pa.string()),
-    ("input_tokens", pa.int64()), ("output_tokens", pa.int64()), ("cost_usd", pa.float64()),
-    ("cached", pa.bool_()), ("requests", pa.int64()),
-])
-
 
 # ---------------------------------------------------------------------------------------------
 # Plain pieces
@@ -56,38 +49,13 @@ def needs_review(item_id: str, fraction: float, seed: int) -> bool:
     return h / 2**64 < fraction
 
 
-def teacher_payload(item: dict, cfg: RunConfig):
+def teacher_request(item: dict, cfg: RunConfig) -> dict:
     """The request for one item: text context + instruction, and the mask when configured."""
     template = TEMPLATE_BY_ID[item["template_id"]]
     geo = Geometry(item["area_fraction"], tuple(item["bbox"]), tuple(item["centroid"]), item["region"])
     text = teacher_prompt(item, template, geo.describe(), cfg.teacher.send_mask)
-    params = {"temperature": cfg.teacher.temperature, "max_output_tokens": cfg.teacher.max_output_tokens}
-    return build_payload(item["item_id"], SYSTEM_PROMPT, text, item["mask"] if cfg.teacher.send_mask else None, cfg.teacher.mask_size, params)
-
-
-def result_row(item_id: str, outcome) -> dict:
-    """An Answer, TeacherFailed or PrivacyViolation -> one result row (an error is quarantined)."""
-    out = {"item_id": item_id, "answer": None, "error": None, "raw": None, "input_tokens": 0,
-           "output_tokens": 0, "cost_usd": 0.0, "cached": False, "requests": 0}
-    if isinstance(outcome, PrivacyViolation):
-        out.update(error=f"privacy guard: {outcome}")
-    elif isinstance(outcome, TeacherFailed):
-        out.update(error=outcome.reason, raw=outcome.raw[:4000])
-    elif not outcome.value.answer.strip():
-        out.update(error="teacher returned an empty answer", raw=outcome.text[:4000])
-    else:
-        out.update(answer=outcome.value.answer.strip(), input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
-                   cost_usd=outcome.cost_usd, cached=outcome.cached, requests=outcome.requests)
-    return out
-
-
-def ask_teacher(client: TeacherClient, item: dict, cfg: RunConfig) -> dict:
-    """One item -> one result row."""
-    try:
-        outcome = client.ask(teacher_payload(item, cfg), TeacherAnswer)
-    except (TeacherFailed, PrivacyViolation) as e:
-        outcome = e
-    return result_row(item["item_id"], outcome)
+    return pool.request(item["item_id"], SYSTEM_PROMPT, text, item["mask"] if cfg.teacher.send_mask else None,
+                        temperature=cfg.teacher.temperature, max_output_tokens=cfg.teacher.max_output_tokens)
 
 
 def sft_row(item: dict, composite: bytes, answer: str) -> dict:
@@ -115,21 +83,6 @@ def read_reviews(storage: Storage, uri: str) -> dict[str, dict]:
             raise ValueError(f"{uri}:{n}: an edit needs text")
         reviews[r["item_id"]] = r
     return reviews
-
-
-class TeachWorker:
-    """Callable class for `map_batches`: one TeacherClient per actor."""
-
-    def __init__(self, cfg_json: str, limiter=None):
-        from cmevlm.teacher.limiter import ray_waiter
-
-        self.cfg = RunConfig.model_validate_json(cfg_json)
-        self.client = TeacherClient(self.cfg.teacher, self.cfg.workdir, self.cfg.storage, wait=ray_waiter(limiter) if limiter else None)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [ask_teacher(self.client, item, self.cfg) for item in batch.to_pylist()]
-        self.client.audit.flush()
-        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,10 +113,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     log.info("teach: %d items (%d outside the CME set left out), backend %s/%s", len(items), skipped_non_cme, cfg.teacher.backend, cfg.teacher.model)
 
     # ---- ask the teacher: an actor pool, one shared limiter
-    if cfg.teacher.batch:
-        results = _ask_batched(cfg, items)
-    else:
-        results = _ask_all(cfg, items) if items else []
+    results = pool.ask_all(cfg, "teacher", [teacher_request(it, cfg) for it in items], TeacherAnswer)
     merge_audit(st, join(tdir, "audit.jsonl"))
 
     # ---- assemble the dataset on the driver
@@ -175,10 +125,11 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     quarantine, review_counts = [], Counter()
     for it in items:
         r = by_id[it["item_id"]]
-        if r["error"]:
-            quarantine.append({"item_id": it["item_id"], "reason": r["error"], "raw": r["raw"]})
+        answer = json.loads(r["value"])["answer"].strip() if r["value"] else ""
+        if r["error"] or not answer:
+            quarantine.append({"item_id": it["item_id"], "reason": r["error"] or "teacher returned an empty answer", "raw": r["raw"]})
             continue
-        answer, rev = r["answer"], reviews.get(it["item_id"])
+        rev = reviews.get(it["item_id"])
         if rev:
             review_counts[rev["decision"]] += 1
             if rev["decision"] == "reject":
@@ -206,39 +157,3 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     log.info("teach: %d train, %d test, %d quarantined; %d requests sent, %d cached; cost $%.4f",
              manifest["train"], manifest["test"], manifest["quarantined"], sent, manifest["cached"], manifest["cost_usd"])
     return manifest
-
-
-def _ask_batched(cfg: RunConfig, items: list[dict]) -> list[dict]:
-    """The Gemini Batch API from the driver: jobs of `teacher.batch_max_requests` items."""
-    if cfg.teacher.backend != "gemini":
-        raise ValueError("teacher.batch needs teacher.backend=gemini")
-    client = TeacherClient(cfg.teacher, cfg.workdir, cfg.storage)
-    results = []
-    n = cfg.teacher.batch_max_requests
-    for i in range(0, len(items), n):
-        chunk = items[i:i + n]
-        outcomes = client.ask_batch([teacher_payload(it, cfg) for it in chunk], TeacherAnswer, join(cfg.workdir, "teacher", "batches"))
-        results += [result_row(it["item_id"], o) for it, o in zip(chunk, outcomes)]
-        client.audit.flush()
-        log.info("teach: batch %d/%d done", i // n + 1, -(-len(items) // n))
-    return results
-
-
-def _ask_all(cfg: RunConfig, items: list[dict]) -> list[dict]:
-    from cmevlm.cluster import connect
-    from cmevlm.teacher.limiter import RateLimiter
-
-    ray = connect(cfg.ray)
-    limiter = None  # the offline teacher has no quota to respect
-    if cfg.teacher.backend != "offline":
-        limiter = ray.remote(num_cpus=0)(RateLimiter).remote(cfg.teacher.rpm, cfg.teacher.tpm)
-    blocks = max(1, min(len(items) // cfg.teacher.batch_size, 1000))
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        TeachWorker,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "limiter": limiter},
-        batch_size=cfg.teacher.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.teacher.concurrency, blocks)),
-        num_cpus=cfg.teacher.num_cpus_per_actor,
-    )
-    return ds.take_all()
