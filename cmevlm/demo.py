@@ -36,8 +36,8 @@ def run(cfg: RunConfig, procedures: int = 12, frames_per_procedure: int = 30) ->
         log.info("tiny-model: built %s", base)
     summary["base_model"] = str(base)
     # ---- the pipeline's stages
-    from cmevlm import ingest, teach
-    from cmevlm.train import sft
+    from cmevlm import ingest, prefer, sample, teach
+    from cmevlm.train import dpo, sft
 
     m = ingest.run(cfg)
     summary["ingest"] = {"accepted": m["accepted"], "quarantined": m["quarantined"]}
@@ -45,4 +45,10 @@ def run(cfg: RunConfig, procedures: int = 12, frames_per_procedure: int = 30) ->
     summary["teach"] = {"train": m["train"], "test": m["test"], "quarantined": m["quarantined"]}
     m = sft.run(cfg)
     summary["sft"] = {"steps": m["global_step"]}
+    m = sample.run(cfg)
+    summary["sample"] = {"items": m["items"]}
+    m = prefer.run(cfg)
+    summary["prefer"] = {"pairs": m["pairs"], "quarantined": m["quarantined"]}
+    m = dpo.run(cfg)
+    summary["dpo"] = {"steps": m["global_step"]}
     return summary

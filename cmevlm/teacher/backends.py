@@ -10,7 +10,9 @@ import base64
 import os
 from dataclasses import dataclass
 
-from pydantic import BaseModel
+from typing import Literal
+
+from pydantic import BaseModel, model_validator
 
 from cmevlm.config import TeacherConfig
 from cmevlm.teacher.payload import Payload
@@ -29,6 +31,21 @@ class TeacherAnswer(BaseModel):
     """What the teacher returns for one item."""
 
     answer: str
+
+
+class Verdict(BaseModel):
+    """The judge's pick among five answers (A-E) and the ground truth: ground truth may be
+    accepted, never rejected; accepted and rejected differ."""
+
+    accepted: Literal["A", "B", "C", "D", "E", "ground_truth"]
+    rejected: Literal["A", "B", "C", "D", "E"]
+    reason: str
+
+    @model_validator(mode="after")
+    def _differ(self):
+        if self.accepted == self.rejected:
+            raise ValueError("accepted and rejected must differ")
+        return self
 
 
 class GeminiBackend:

@@ -81,4 +81,27 @@ def respond(payload: Payload, schema: type[BaseModel]) -> str:
             instruction.group(1) if instruction else "", key=payload.item_id,
         )
         return json.dumps({"answer": answer})
+    if schema.__name__ == "Verdict":
+        return json.dumps(judge_verdict(text))
     raise ValueError(f"offline backend cannot answer schema {schema.__name__}")
+
+
+def judge_verdict(text: str) -> dict:
+    """The rubric judge: score the ground truth and A-E; accept the best (earlier letter on a
+    tie, the ground truth only if it beats every answer), reject the worst answer (later
+    letter on a tie)."""
+    from cmevlm.rubric import rubric_score
+
+    structure = _structure_from(text)
+    side = _field(text, "Side").replace(" CME", "")
+    answers = dict(re.findall(r'^Answer ([A-E]): "(.*)"$', text, re.M))
+    gt = re.search(r'^Ground truth: "(.*)"$', text, re.M)
+    scores = {k: rubric_score(v, structure, side) for k, v in sorted(answers.items())}
+    best = max(scores, key=lambda k: (scores[k], -ord(k)))
+    gt_score = rubric_score(gt.group(1), structure, side) if gt else -1
+    accepted = "ground_truth" if gt_score > scores[best] else best
+    rejected = min(scores, key=lambda k: (scores[k], -ord(k)))
+    if rejected == accepted:  # every answer scored the same
+        rejected = max(k for k in scores if k != accepted)
+    return {"accepted": accepted, "rejected": rejected,
+            "reason": f"rubric scores {scores}, ground truth {gt_score}: accepted {accepted}, rejected {rejected}"}

@@ -77,3 +77,33 @@ def teacher_prompt(item: dict, template: Template, geometry_text: str, send_mask
         f"Instruction the model receives with the frame: \"{template.text}\"\n"
         "Write the model's expert answer to that instruction."
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge of the preference stage (paper, Step 2): text only, never an image.
+
+LETTERS = ("A", "B", "C", "D", "E")
+
+JUDGE_SYSTEM_PROMPT = (
+    "You are an expert colorectal surgeon specialised in Complete Mesocolic Excision (CME), judging "
+    "answers that a surgical vision-language model gave about a laparoscopic frame in which one structure "
+    "is highlighted. You do not see the frame; you get the facts, the expert ground-truth answer and five "
+    "model answers A-E. Judge clinical accuracy (the right structure, the right side, correct CME "
+    "significance) first and relevance and concision second. Answer in JSON: {\"accepted\": one of A-E, or "
+    "\"ground_truth\" when every model answer is worse than it; \"rejected\": the worst of A-E; "
+    "\"reason\": one sentence}. accepted and rejected must differ."
+)
+
+
+def judge_prompt(structure: str, laterality: str, instruction: str, ground_truth: str, answers: list[str]) -> str:
+    s = STRUCTURES.get(structure)
+    name = s.display if s else structure.replace("_", " ")
+    lines = [
+        f"Highlighted structure: {name}.",
+        f"Side: {laterality} CME.",
+        f"Instruction: \"{instruction}\"",
+        f"Ground truth: \"{ground_truth}\"",
+        *[f"Answer {letter}: \"{text}\"" for letter, text in zip(LETTERS, answers)],
+        "Name the accepted and the rejected answer.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Prefer: five sampled answers + ground truth -> the DPO dataset `preferences/` (paper, Step 2).
+
+    cmevlm prefer --config configs/demo.yaml [--set judge.backend=gemini ...]
+    python jobs/prefer.py --config /etc/cmevlm/run.yaml
+
+The judge receives the structure, the side, the instruction, the ground-truth answer and the
+five answers, as text only (no image, no mask), through the same TeacherClient as the teacher
+(payload builder and guard, audit, limiter, cache). It returns `{accepted, rejected, reason}`
+with A-E or `ground_truth` (accepted only); invalid verdicts are retried, then quarantined
+with the raw text. Each judged item becomes one TRL preference row; the expert's
+`preferences/reviews.jsonl` (accept | swap | reject) is applied when the dataset is assembled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+
+import pyarrow as pa
+
+from cmevlm.config import RunConfig
+from cmevlm.data.formats import PREF_SCHEMA, answer_text, assistant_turn, prompt_text
+from cmevlm.storage import Storage, join
+from cmevlm.teach import needs_review
+from cmevlm.teacher import pool
+from cmevlm.teacher.backends import Verdict
+from cmevlm.teacher.client import merge_audit
+from cmevlm.teacher.prompts import JUDGE_SYSTEM_PROMPT, LETTERS, judge_prompt
+from cmevlm.train.common import stage_uri
+
+log = logging.getLogger(__name__)
+
+ITEM_KEYS = ("item_id", "procedure_id", "site", "structure", "laterality", "phase", "template_id")
+
+
+def judge_request(gt_row: dict, answers: list[str], cfg: RunConfig) -> dict:
+    text = judge_prompt(gt_row["structure"], gt_row["laterality"], prompt_text(gt_row["messages"]),
+                        answer_text(gt_row["messages"]), answers)
+    return pool.request(gt_row["item_id"], JUDGE_SYSTEM_PROMPT, text, None,
+                        temperature=cfg.judge.temperature, max_output_tokens=cfg.judge.max_output_tokens)
+
+
+def preference_row(gt_row: dict, answers: list[str], verdict: dict, flagged: bool) -> dict:
+    pick = {**dict(zip(LETTERS, answers)), "ground_truth": answer_text(gt_row["messages"])}
+    return {
+        "images": gt_row["images"], "prompt": [gt_row["messages"][0]],
+        "chosen": [assistant_turn(pick[verdict["accepted"]])], "rejected": [assistant_turn(pick[verdict["rejected"]])],
+        **{k: gt_row[k] for k in ITEM_KEYS}, "needs_review": flagged,
+        "judge_reason": f"accepted {verdict['accepted']}, rejected {verdict['rejected']}: {verdict['reason']}",
+    }
+
+
+def read_reviews(storage: Storage, uri: str) -> dict[str, dict]:
+    if not storage.exists(uri):
+        return {}
+    out = {}
+    for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        if line.strip():
+            r = json.loads(line)
+            if r.get("decision") not in ("accept", "swap", "reject") or not r.get("item_id"):
+                raise ValueError(f"{uri}:{n}: a review needs item_id and decision accept|swap|reject")
+            out[r["item_id"]] = r
+    return out
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    st = Storage(cfg.storage)
+    out, samples = join(cfg.workdir, "preferences"), join(cfg.workdir, "samples")
+    reviews_uri = join(out, "reviews.jsonl")  # the expert's file: kept when the stage is rebuilt
+    reviews_sha = hashlib.sha256(st.read_bytes(reviews_uri)).hexdigest() if st.exists(reviews_uri) else None
+    if st.is_complete(out) and not force and st.read_manifest(out).get("reviews_sha256") == reviews_sha:
+        log.info("prefer: %s is complete, skipped", out)
+        return {**st.read_manifest(out), "skipped": True}
+    if not st.is_complete(samples):
+        raise FileNotFoundError(f"prefer needs the sample stage's answers at {samples} (run `cmevlm sample`)")
+    for f in st.list_files(join(out, "parts")) + [join(out, "manifest.json")]:
+        st.delete(f)
+    t0 = time.time()
+
+    # ---- join the five answers with the ground truth (the pool the sampler read)
+    sampled = {r["item_id"]: [a["text"] for a in r["answers"]] for r in st.read_parquet(join(samples, "parts")).to_pylist()}
+    pool_uri = stage_uri(cfg, cfg.sample.pool)
+    gt = {r["item_id"]: r for r in st.read_parquet(pool_uri).to_pylist() if r["item_id"] in sampled}
+    ids = sorted(gt)
+
+    # ---- judge (text only)
+    results = pool.ask_all(cfg, "judge", [judge_request(gt[i], sampled[i], cfg) for i in ids], Verdict)
+    merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
+
+    # ---- assemble
+    reviews = read_reviews(st, reviews_uri)
+    rows, quarantine, counts = [], [], Counter()
+    for item_id, r in zip(ids, results):
+        if r["error"]:
+            quarantine.append({"item_id": item_id, "reason": r["error"], "raw": r["raw"]})
+            continue
+        verdict = json.loads(r["value"])
+        counts["accepted_ground_truth"] += verdict["accepted"] == "ground_truth"
+        row = preference_row(gt[item_id], sampled[item_id], verdict, needs_review(item_id, cfg.prefer.review_fraction, cfg.seed + 1))
+        rev = reviews.get(item_id)
+        if rev:
+            counts["reviewed"] += 1
+            counts[rev["decision"]] += 1
+            if rev["decision"] == "reject":
+                continue
+            if rev["decision"] == "swap":
+                row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        rows.append(row)
+    n = cfg.ingest.rows_per_shard
+    parts = []
+    for i in range(0, max(len(rows), 1), n):
+        parts.append(join(out, "parts", f"part-{i // n:05d}.parquet"))
+        st.write_parquet(parts[-1], pa.Table.from_pylist(rows[i:i + n], schema=PREF_SCHEMA))
+    st.write_text(join(cfg.workdir, "quarantine", "prefer.jsonl"), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
+    manifest = st.write_manifest(
+        out, parts, stage="prefer", backend=cfg.judge.backend, model=cfg.judge.model, pairs=len(rows), quarantined=len(quarantine),
+        needs_review=sum(r["needs_review"] for r in rows), reviewed=counts["reviewed"], swapped=counts["swap"],
+        rejected=counts["reject"], accepted_ground_truth=counts["accepted_ground_truth"], reviews_sha256=reviews_sha,
+        requests_sent=sum(r["requests"] for r in results), cached=sum(r["cached"] for r in results),
+        cost_usd=round(sum(r["cost_usd"] for r in results), 6), seconds=round(time.time() - t0, 2),
+    )
+    log.info("prefer: %d pairs, %d quarantined, ground truth accepted %d times -> %s", len(rows), len(quarantine), counts["accepted_ground_truth"], out)
+    return manifest
