@@ -133,6 +133,24 @@ def cmd_prefer(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from cmevlm.evaluate import evaluation, expert, report
+
+    cfg = _load(args)
+    if args.import_expert_sheet:
+        result = expert.import_sheet(cfg, args.import_expert_sheet)
+        for m, v in result.items():
+            print(f"expert: {m}: score {v['score']['mean']} ± {v['score']['std']} (n={v['n']}), preferred {v['preferred']}")
+        return 0
+    m = evaluation.run(cfg, force=args.force)
+    print(report.summary_text(m))
+    print(f"report: {cfg.workdir}/eval/report.html")
+    if args.export_expert_sheet:
+        s = expert.export_sheet(cfg)
+        print(f"expert sheet: {s['items']} items -> {cfg.workdir}/eval/expert_sheet.csv (key kept in eval/expert_key.json)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cmevlm import demo
 
@@ -244,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--force", action="store_true", help="train again even when models/dpo is complete")
     p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("evaluate", help="base vs SFT vs DPO on the test set: BLEU-4, BERTScore, judge, rubric, report",
+                       description="Answer every test item with each model (greedy, Ray Data actors), score the answers "
+                       "(BLEU-4, BERTScore F1, the LLM judge on text only, rubric measures), compare models (per structure, "
+                       "per site, Wilcoxon tests) and write eval/metrics.json, eval/answers.parquet, eval/report.html.")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="recompute metrics even when eval/ is complete (answers are reused)")
+    p.add_argument("--export-expert-sheet", action="store_true", help="also write eval/expert_sheet.{csv,html} for a surgeon")
+    p.add_argument("--import-expert-sheet", metavar="FILE", help="validate a filled expert sheet and merge it into the report")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="run the whole method offline on a laptop (what `make demo` runs)",
                        description="Synthetic data, a tiny Qwen2.5-VL, then every pipeline stage with the demo "

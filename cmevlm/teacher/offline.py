@@ -83,6 +83,8 @@ def respond(payload: Payload, schema: type[BaseModel]) -> str:
         return json.dumps({"answer": answer})
     if schema.__name__ == "Verdict":
         return json.dumps(judge_verdict(text))
+    if schema.__name__ == "JudgeScore":
+        return json.dumps(judge_score(text))
     raise ValueError(f"offline backend cannot answer schema {schema.__name__}")
 
 
@@ -105,3 +107,23 @@ def judge_verdict(text: str) -> dict:
         rejected = max(k for k in scores if k != accepted)
     return {"accepted": accepted, "rejected": rejected,
             "reason": f"rubric scores {scores}, ground truth {gt_score}: accepted {accepted}, rejected {rejected}"}
+
+
+def judge_score(text: str) -> dict:
+    """The rubric grader: accuracy from identification, side and significance; conciseness
+    from length and repetition."""
+    from cmevlm.rubric import identifies, laterality_error, mentions_significance, repetition_rate, stated_side
+
+    structure = _structure_from(text)
+    side = _field(text, "Side").replace(" CME", "")
+    m = re.search(r'^Answer: "(.*)"$', text, re.M)
+    answer = m.group(1) if m else ""
+    acc = 1
+    if identifies(answer, structure):
+        acc = 3 + (stated_side(answer) == side) + mentions_significance(answer, structure)
+    elif laterality_error(answer, side):
+        acc = 1
+    n = len(answer.split())
+    conc = 5 if 8 <= n <= 60 else 4 if 4 <= n <= 90 else 2
+    conc = max(1, conc - int(round(repetition_rate(answer) * 10)))
+    return {"accuracy": acc, "conciseness": conc, "reason": f"rubric: accuracy {acc}, conciseness {conc}"}

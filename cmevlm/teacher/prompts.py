@@ -107,3 +107,28 @@ def judge_prompt(structure: str, laterality: str, instruction: str, ground_truth
         "Name the accepted and the rejected answer.",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge of the evaluation stage: one answer against the ground truth, text only.
+
+SCORE_SYSTEM_PROMPT = (
+    "You are an expert colorectal surgeon specialised in Complete Mesocolic Excision (CME), grading one answer "
+    "of a surgical vision-language model about a laparoscopic frame with one structure highlighted. You do not "
+    "see the frame. Compare the answer with the expert ground truth. Score clinical/factual accuracy 1-5 (the right "
+    "structure, its position and side, its significance in CME; 1 = wrong structure) and conciseness 1-5 (5 = "
+    "short, no repetition or filler). Answer in JSON: {\"accuracy\": int, \"conciseness\": int, \"reason\": one sentence}."
+)
+
+
+def score_prompt(structure: str, laterality: str, instruction: str, ground_truth: str, answer: str) -> str:
+    s = STRUCTURES.get(structure)
+    name = s.display if s else structure.replace("_", " ")
+    return "\n".join([
+        f"Highlighted structure: {name}.",
+        f"Side: {laterality} CME.",
+        f"Instruction: \"{instruction}\"",
+        f"Ground truth: \"{ground_truth}\"",
+        f"Answer: \"{answer}\"",
+        "Score the answer.",
+    ])

@@ -1,0 +1,1 @@
+"""Evaluation: base vs SFT vs DPO on the held-out test set (`cmevlm evaluate`)."""

@@ -1,0 +1,199 @@
+"""Evaluate: the paper's Table 1 for any run (Section 3.2), and what the paper asks for but does
+not automate: laterality errors, per-structure and per-site results, significance tests.
+
+    cmevlm evaluate --config configs/demo.yaml [--export-expert-sheet] [--import-expert-sheet FILE]
+    python jobs/evaluate.py --config /etc/cmevlm/run.yaml
+
+Every model in `evaluate.models` answers every test item greedily (a Ray Data actor pool per
+model, one replica per actor, parts written per batch so a rerun answers only what is
+missing). Then, on the driver: BLEU-4 (sacrebleu), BERTScore F1, the LLM judge (text only,
+through the shared guarded client), rubric measures, breakdowns and Wilcoxon tests; outputs
+`eval/metrics.json`, `eval/answers.parquet`, `eval/report.html` and `eval/report.md`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+
+import pyarrow as pa
+
+from cmevlm.config import RunConfig
+from cmevlm.data.formats import answer_text, prompt_text
+from cmevlm.evaluate import metrics as M
+from cmevlm.model.generate import decode_image, generate
+from cmevlm.rubric import identifies, laterality_error, repetition_rate
+from cmevlm.storage import Storage, join
+from cmevlm.teacher import pool
+from cmevlm.teacher.backends import JudgeScore
+from cmevlm.teacher.client import merge_audit
+from cmevlm.teacher.prompts import SCORE_SYSTEM_PROMPT, score_prompt
+from cmevlm.train.common import stage_uri
+
+log = logging.getLogger(__name__)
+
+ANSWERS_SCHEMA = pa.schema([("model", pa.string()), ("item_id", pa.string()), ("answer", pa.string()), ("n_tokens", pa.int64())])
+
+
+def models_to_evaluate(cfg: RunConfig, st: Storage) -> dict[str, str]:
+    """name -> URI of each model that exists (a stage model needs its manifest)."""
+    wanted = cfg.evaluate.models or {"base": cfg.model.base, "sft": "models/sft", "dpo": "models/dpo"}
+    out = {}
+    for name, uri in wanted.items():
+        full = stage_uri(cfg, uri)
+        if st.exists(join(full, "config.json")) and (full == cfg.model.base or st.is_complete(full) or cfg.evaluate.models):
+            out[name] = full
+        else:
+            log.info("evaluate: %s (%s) does not exist yet, left out", name, full)
+    return out
+
+
+class AnswerWorker:
+    """Callable class for `map_batches`: one model replica answers a batch greedily and writes
+    the batch's answers as one Parquet part."""
+
+    def __init__(self, cfg_json: str, name: str, model_uri: str, parts_uri: str):
+        import torch
+
+        from cmevlm.model.loading import load_model, load_processor
+
+        self.cfg = RunConfig.model_validate_json(cfg_json)
+        device = "cuda" if self.cfg.evaluate.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.model, self.processor = load_model(model_uri, self.cfg.storage, device=device), load_processor(model_uri, self.cfg.storage)
+        self.name, self.storage, self.parts = name, Storage(self.cfg.storage), parts_uri
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = batch.to_pylist()
+        outs = generate(self.model, self.processor, [decode_image(it["image"]) for it in items], [it["prompt"] for it in items],
+                        self.cfg.evaluate.max_new_tokens)
+        rows = [{"model": self.name, "item_id": it["item_id"], "answer": text, "n_tokens": n} for it, (text, n) in zip(items, outs)]
+        key = hashlib.sha256("|".join(sorted(it["item_id"] for it in items)).encode()).hexdigest()[:20]
+        self.storage.write_parquet(join(self.parts, f"{key}.parquet"), pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA))
+        return pa.table({"item_id": [it["item_id"] for it in items]})
+
+
+def answer_all(cfg: RunConfig, st: Storage, name: str, uri: str, items: list[dict]) -> dict[str, dict]:
+    """{item_id: answer row} of one model; generates only what earlier runs did not."""
+    e = cfg.evaluate
+    parts = join(cfg.workdir, "eval", "answers", name)
+    done = {}
+    for f in st.list_files(parts, ".parquet"):
+        done.update({r["item_id"]: r for r in st.read_parquet(f).to_pylist()})
+    todo = [{"item_id": it["item_id"], "image": it["images"][0]["bytes"], "prompt": prompt_text(it["messages"])}
+            for it in items if it["item_id"] not in done]
+    if todo:
+        from cmevlm.cluster import connect
+
+        ray = connect(cfg.ray)
+        blocks = max(1, -(-len(todo) // e.batch_size))
+        ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
+            AnswerWorker, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "name": name, "model_uri": uri, "parts_uri": parts},
+            batch_size=e.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=min(e.concurrency, blocks)),
+            num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
+        ).materialize()
+        for f in st.list_files(parts, ".parquet"):
+            done.update({r["item_id"]: r for r in st.read_parquet(f).to_pylist()})
+    log.info("evaluate: %s answered %d items (%d generated now)", name, len(items), len(todo))
+    return done
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The metrics.json block of one group of answer rows."""
+    return {
+        "n": len(rows),
+        "bleu4": M.mean_std(r["bleu4"] for r in rows),
+        "bertscore_f1": M.mean_std(r["bertscore_f1"] for r in rows),
+        "judge": M.mean_std(r["judge"] for r in rows if r["judge"] is not None),
+        "structure_accuracy": sum(r["structure_ok"] for r in rows) / max(1, len(rows)),
+        "laterality_error_rate": sum(r["laterality_error"] for r in rows) / max(1, len(rows)),
+        "mean_length": sum(r["length"] for r in rows) / max(1, len(rows)),
+        "repetition_rate": sum(r["repetition"] for r in rows) / max(1, len(rows)),
+    }
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    from cmevlm.evaluate import report
+
+    st = Storage(cfg.storage)
+    out = join(cfg.workdir, "eval")
+    e = cfg.evaluate
+    models = models_to_evaluate(cfg, st)
+    signature = hashlib.sha256(json.dumps(sorted(models.items())).encode()).hexdigest()
+    if st.is_complete(out) and not force and st.read_manifest(out).get("models_sha256") == signature:
+        log.info("evaluate: %s is complete, skipped", out)
+        return {**st.read_json(join(out, "metrics.json")), "skipped": True}
+    test_uri = stage_uri(cfg, e.data)
+    if not st.is_complete(join(cfg.workdir, "sft")) and test_uri == join(cfg.workdir, "sft/test"):
+        raise FileNotFoundError(f"evaluate needs the test set at {test_uri} (run `cmevlm teach`)")
+    if not models:
+        raise FileNotFoundError("evaluate: none of the models exists")
+    t0 = time.time()
+    items = st.read_parquet(test_uri).to_pylist()
+    if e.limit:
+        items = items[: e.limit]
+    by_id = {it["item_id"]: it for it in items}
+
+    # ---- answers (Ray), then per-answer metrics (driver)
+    rows = []
+    for name, uri in models.items():
+        answers = answer_all(cfg, st, name, uri, items)
+        for it in items:
+            a = answers[it["item_id"]]["answer"]
+            rows.append({"model": name, "item_id": it["item_id"], "structure": it["structure"], "site": it["site"],
+                         "laterality": it["laterality"], "prompt": prompt_text(it["messages"]), "answer": a,
+                         "ground_truth": answer_text(it["messages"]), "bleu4": M.bleu4(a, answer_text(it["messages"])),
+                         "structure_ok": identifies(a, it["structure"]), "laterality_error": laterality_error(a, it["laterality"]),
+                         "length": len(a.split()), "repetition": repetition_rate(a)})
+    f1 = M.bertscore_f1([r["answer"] for r in rows], [r["ground_truth"] for r in rows], e.bertscore_model, e.bertscore_layers, e.bertscore_baseline)
+    for r, f in zip(rows, f1):
+        r["bertscore_f1"] = f
+
+    # ---- the LLM judge: text only, through the shared client
+    reqs = [pool.request(f"{r['model']}:{r['item_id']}", SCORE_SYSTEM_PROMPT,
+                         score_prompt(r["structure"], r["laterality"], r["prompt"], r["ground_truth"], r["answer"]), None,
+                         temperature=0.0, max_output_tokens=cfg.judge.max_output_tokens) for r in rows]
+    wsum = e.judge_accuracy_weight + e.judge_conciseness_weight
+    for r, res in zip(rows, pool.ask_all(cfg, "judge", reqs, JudgeScore)):
+        if res["value"]:
+            s = json.loads(res["value"])
+            r.update(judge_accuracy=s["accuracy"], judge_conciseness=s["conciseness"], judge_reason=s["reason"],
+                     judge=(e.judge_accuracy_weight * s["accuracy"] + e.judge_conciseness_weight * s["conciseness"]) / wsum)
+        else:
+            r.update(judge_accuracy=None, judge_conciseness=None, judge_reason=f"judge failed: {res['error']}", judge=None)
+    merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
+
+    # ---- Table 1, breakdowns, tests
+    grouped = defaultdict(list)
+    for r in rows:
+        grouped[r["model"]].append(r)
+    per = lambda key: {v: {m: summarise([r for r in grouped[m] if r[key] == v]) for m in models}  # noqa: E731
+                       for v in sorted({r[key] for r in rows})}
+    judged = lambda m: {r["item_id"]: r["judge"] for r in grouped.get(m, []) if r["judge"] is not None}  # noqa: E731
+
+    def paired(a, b):
+        ja, jb = judged(a), judged(b)
+        common = sorted(set(ja) & set(jb))
+        return M.wilcoxon_p([ja[i] for i in common], [jb[i] for i in common]) if common else None
+
+    result = {
+        "n_test": len(items),
+        "models": {m: summarise(grouped[m]) for m in models},
+        "per_structure": per("structure"),
+        "per_site": per("site"),
+        "tests": {"sft_vs_dpo_judge_p": paired("sft", "dpo"), "base_vs_sft_judge_p": paired("base", "sft")},
+        "expert": None,
+        "model_uris": models,
+        "judge": {"backend": cfg.judge.backend, "model": cfg.judge.model, "weights": [e.judge_accuracy_weight, e.judge_conciseness_weight]},
+    }
+    old = st.read_json(join(out, "metrics.json")) if st.exists(join(out, "metrics.json")) else {}
+    result["expert"] = old.get("expert")
+    st.write_parquet(join(out, "answers.parquet"), pa.Table.from_pylist(rows))
+    st.write_json(join(out, "metrics.json"), result)
+    report.write(cfg, st, result, rows, by_id)
+    st.write_manifest(out, [join(out, f) for f in ("metrics.json", "answers.parquet", "report.html", "report.md")],
+                      stage="evaluate", models_sha256=signature, seconds=round(time.time() - t0, 2))
+    log.info("evaluate: %d items x %d models in %.0f s -> %s", len(items), len(models), time.time() - t0, join(out, "report.html"))
+    return result

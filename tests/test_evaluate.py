@@ -1,0 +1,122 @@
+"""Evaluation: metrics against hand-computed values, the judge over a loopback Gemini server,
+the expert sheet round trip, and the report."""
+
+import csv
+import json
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+
+from cmevlm import ingest, teach
+from cmevlm.config import load_config
+from cmevlm.evaluate import evaluation, expert
+from cmevlm.evaluate.metrics import bertscore_f1, bleu4, mean_std, wilcoxon_p
+from cmevlm.storage import Storage
+from fake_llm import FakeLLM, gemini_images
+
+
+def _cfg(workdir, base, *extra):
+    return load_config(overrides=[f"workdir={workdir}", f"model.base={base}", "data.image_size=56", "evaluate.max_new_tokens=12",
+                                  "evaluate.batch_size=8", "evaluate.limit=10", "evaluate.expert_n=6", *extra])
+
+
+@pytest.fixture(scope="module")
+def workdir(ray_local, tmp_path_factory, synth_dir, tiny_model_dir):
+    """frames/ and sft/ from the offline teacher; the tiny model stands in as models/sft."""
+    wd = tmp_path_factory.mktemp("eval") / "run"
+    cfg = _cfg(wd, tiny_model_dir, f"sources=[{{uri: '{synth_dir}'}}]")
+    ingest.run(cfg)
+    teach.run(cfg)
+    shutil.copytree(tiny_model_dir, wd / "models/sft")
+    Storage().write_manifest(str(wd / "models/sft"), stage="sft")
+    return wd
+
+
+def test_bleu_and_bertscore_against_hand_values():
+    assert bleu4("the pancreas in a left CME", "the pancreas in a left CME") == pytest.approx(1.0)
+    assert bleu4("alpha beta gamma delta", "one two three four") == 0.0
+    f = bertscore_f1(["The pancreas lies here.", "zebra"], ["The pancreas lies here.", "The duodenum curves around."])
+    assert f[0] == pytest.approx(1.0, abs=1e-4) and f[1] < 0.9
+    assert bertscore_f1([""], ["anything"]) == [0.0]
+
+
+def test_summaries_and_tests():
+    assert mean_std([1, 3]) == {"mean": 2.0, "std": 1.0}
+    assert wilcoxon_p([1, 2, 3], [1, 2, 3]) == 1.0
+    assert wilcoxon_p([1, 2, 3, 4, 5, 6, 7, 8], [2, 3, 4, 5, 6, 7, 8, 9]) < 0.05
+
+
+class _Parser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.imgs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+
+
+def test_evaluate_offline_writes_metrics_report_and_answers(workdir, tiny_model_dir):
+    cfg = _cfg(workdir, tiny_model_dir)
+    m = evaluation.run(cfg)
+    assert m["n_test"] == 10 and set(m["models"]) == {"base", "sft"}  # no dpo model yet: left out
+    for s in m["models"].values():
+        assert {"bleu4", "bertscore_f1", "judge", "structure_accuracy", "laterality_error_rate"} <= set(s)
+        assert set(s["bleu4"]) == {"mean", "std"}
+    assert set(m["tests"]) == {"sft_vs_dpo_judge_p", "base_vs_sft_judge_p"} and m["expert"] is None
+    assert m["tests"]["base_vs_sft_judge_p"] == 1.0  # the same weights answer the same
+    assert set(m["per_structure"]) <= {"preparation_plane", "angels_hair", "inferior_mesenteric_vein", "duodenum", "pancreas"}
+    on_disk = json.loads((workdir / "eval/metrics.json").read_text())
+    assert on_disk["models"] == m["models"]
+    answers = Storage().read_parquet(str(workdir / "eval/answers.parquet")).to_pylist()
+    assert len(answers) == 20 and all(1 <= a["judge"] <= 5 for a in answers)
+    p = _Parser()
+    p.feed((workdir / "eval/report.html").read_text())
+    assert "table" in p.tags and len([s for s in p.imgs if s.startswith("data:image/png;base64,")]) >= 2 + cfg.evaluate.report_examples
+    assert "| model |" in (workdir / "eval/report.md").read_text()
+    assert evaluation.run(cfg)["skipped"]
+
+
+def test_expert_sheet_round_trip(workdir, tiny_model_dir, tmp_path):
+    cfg = _cfg(workdir, tiny_model_dir)
+    evaluation.run(cfg)
+    s = expert.export_sheet(cfg)
+    assert s["items"] == 6 and s["letters"] == "AB"
+    sheet = (workdir / "eval/expert_sheet.csv").read_text()
+    assert "base" not in sheet.split("\n")[0] and "sft" not in sheet.split("\n")[0]  # blinded
+    key = json.loads((workdir / "eval/expert_key.json").read_text())["key"]
+    rows = list(csv.DictReader(open(workdir / "eval/expert_sheet.csv")))
+    for r in rows:  # the surgeon: sft 5, base 2, and prefers sft (on two items both)
+        inv = {m: L for L, m in key[r["item_id"]].items()}
+        r[f"score_{inv['sft']}"], r[f"score_{inv['base']}"] = "5", "2"
+        r["preferred"] = inv["sft"] if r is not rows[0] and r is not rows[1] else f"{inv['sft']};{inv['base']}"
+    filled = tmp_path / "filled.csv"
+    with open(filled, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    result = expert.import_sheet(cfg, str(filled))
+    assert result["sft"]["score"] == {"mean": 5.0, "std": 0.0} and result["base"]["score"]["mean"] == 2.0
+    assert result["sft"]["preferred"] == 6 and result["base"]["preferred"] == 2
+    assert json.loads((workdir / "eval/metrics.json").read_text())["expert"]["sft"]["preferred"] == 6
+    assert "Expert evaluation" in (workdir / "eval/report.html").read_text()
+    rows[0]["score_A"] = "7"
+    with open(filled, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(expert.SheetError, match="1-5"):
+        expert.import_sheet(cfg, str(filled))
+
+
+def test_judge_over_gemini_sees_text_only(workdir, tiny_model_dir):
+    with FakeLLM(responder=lambda prompt: {"accuracy": 4, "conciseness": 2, "reason": "ok"}) as srv:
+        cfg = _cfg(workdir, tiny_model_dir, "judge.backend=gemini", f"judge.base_url={srv.url}", "evaluate.limit=4")
+        m = evaluation.run(cfg, force=True)
+        assert len(srv.requests) == 4  # base and sft share weights here: identical answers are judged once (cache)
+        for req in srv.requests:
+            assert gemini_images(req["body"]) == []
+            assert "Ground truth:" in json.dumps(req["body"])
+    assert m["models"]["sft"]["judge"]["mean"] == pytest.approx(0.8 * 4 + 0.2 * 2)
