@@ -12,7 +12,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+
+from cmevlm.pipeline import STAGES, StageFailed
 
 log = logging.getLogger("cmevlm")
 
@@ -159,8 +162,29 @@ def cmd_demo(args) -> int:
         from cmevlm.config import _absolute
 
         cfg = _rebase(cfg, _absolute(args.workdir))
-    summary = demo.run(cfg, procedures=args.procedures, frames_per_procedure=args.frames_per_procedure)
-    print(f"demo: done in {cfg.workdir}: {summary}")
+    t0 = time.time()
+    try:
+        summary = demo.run(cfg, procedures=args.procedures, frames_per_procedure=args.frames_per_procedure)
+    except StageFailed as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+    print(f"\nTable 1 ({summary['metrics']['n_test']} held-out test items from unseen procedures):\n{summary['table']}")
+    print(f"\ndemo: done in {time.time() - t0:.0f} s; report: {cfg.workdir}/eval/report.html")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from cmevlm import pipeline
+
+    cfg = _load(args)
+    t0 = time.time()
+    try:
+        results = pipeline.run(cfg, start=args.start, stop=args.stop)
+    except StageFailed as e:
+        print(f"pipeline: {e}", file=sys.stderr)
+        return 1
+    ran = [r.stage for r in results if not r.skipped]
+    print(f"pipeline: {len(results)} stages ({', '.join(ran) or 'all skipped'} ran) in {time.time() - t0:.0f} s; workdir {cfg.workdir}")
     return 0
 
 
@@ -278,9 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "config: local Ray, local disk, offline teacher. Completed steps are skipped.")
     _config_args(p)
     p.add_argument("--workdir", default=None, help="where the demo writes (default: the config's workdir, runs/demo)")
-    p.add_argument("--procedures", type=int, default=12, help="synthetic procedures (default 12)")
+    p.add_argument("--procedures", type=int, default=24, help="synthetic procedures (default 24)")
     p.add_argument("--frames-per-procedure", type=int, default=30, help="synthetic frames per procedure (default 30)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pipeline", help="run the stages in order (ingest ... evaluate), skipping completed ones",
+                       description="Run ingest, teach, sft, sample, prefer, dpo and evaluate in order on the Ray given by "
+                       "ray.address (a local Ray when empty). Completed stages are skipped, an interrupted one resumes; "
+                       "one line per stage, and a failing stage is named (exit 1).")
+    _config_args(p)
+    p.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="first stage to run (default ingest)")
+    p.add_argument("--to", dest="stop", choices=STAGES, default=STAGES[-1], help="last stage to run (default evaluate)")
+    p.set_defaults(func=cmd_pipeline)
 
     return parser
 

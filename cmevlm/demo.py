@@ -15,7 +15,7 @@ from cmevlm.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, procedures: int = 12, frames_per_procedure: int = 30) -> dict:
+def run(cfg: RunConfig, procedures: int = 24, frames_per_procedure: int = 30) -> dict:
     from cmevlm.data.synth import write_dataset
     from cmevlm.model.tiny import build_tiny_model
 
@@ -35,20 +35,12 @@ def run(cfg: RunConfig, procedures: int = 12, frames_per_procedure: int = 30) ->
         build_tiny_model(base, seed=cfg.seed, max_pixels=cfg.data.image_size**2)
         log.info("tiny-model: built %s", base)
     summary["base_model"] = str(base)
-    # ---- the pipeline's stages
-    from cmevlm import ingest, prefer, sample, teach
-    from cmevlm.train import dpo, sft
+    # ---- the pipeline's stages, then Table 1
+    from cmevlm import pipeline
+    from cmevlm.evaluate import report
+    from cmevlm.storage import Storage, join
 
-    m = ingest.run(cfg)
-    summary["ingest"] = {"accepted": m["accepted"], "quarantined": m["quarantined"]}
-    m = teach.run(cfg)
-    summary["teach"] = {"train": m["train"], "test": m["test"], "quarantined": m["quarantined"]}
-    m = sft.run(cfg)
-    summary["sft"] = {"steps": m["global_step"]}
-    m = sample.run(cfg)
-    summary["sample"] = {"items": m["items"]}
-    m = prefer.run(cfg)
-    summary["prefer"] = {"pairs": m["pairs"], "quarantined": m["quarantined"]}
-    m = dpo.run(cfg)
-    summary["dpo"] = {"steps": m["global_step"]}
+    summary["stages"] = pipeline.run(cfg)
+    summary["metrics"] = Storage(cfg.storage).read_json(join(cfg.workdir, "eval", "metrics.json"))
+    summary["table"] = report.summary_text(summary["metrics"])
     return summary

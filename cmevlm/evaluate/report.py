@@ -18,10 +18,19 @@ def _fmt(ms: dict | None, digits=3) -> str:
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
+ORDER = ("base", "sft", "dpo")
+
+
+def model_order(models) -> list[str]:
+    """base, sft, dpo first (the paper's order), then any others by name."""
+    return sorted(models, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+
+
 def table_rows(metrics: dict) -> list[list[str]]:
     """The Table-1 layout: one row per model."""
     rows = []
-    for m, s in metrics["models"].items():
+    for m in model_order(metrics["models"]):
+        s = metrics["models"][m]
         rows.append([m, *[_fmt(s[k], 2 if k == "judge" else 3) for k, _ in COLUMNS],
                      f"{s['structure_accuracy']:.2f}", f"{s['laterality_error_rate']:.2f}"])
     return rows
@@ -51,7 +60,7 @@ def plots(metrics: dict, rows: list[dict]) -> dict[str, str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    models = list(metrics["models"])
+    models = model_order(metrics["models"])
     structures = list(metrics["per_structure"])
     out = {}
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -89,10 +98,11 @@ def markdown(metrics: dict) -> str:
     lines = [f"# cmevlm evaluation ({metrics['n_test']} test items)", "", "| " + " | ".join(HEADER) + " |",
              "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(metrics)]
-    lines += ["", "## Judge composite by structure", "", "| structure | " + " | ".join(metrics["models"]) + " |",
-              "|---|" + "---|" * len(metrics["models"])]
+    models = model_order(metrics["models"])
+    lines += ["", "## Judge composite by structure", "", "| structure | " + " | ".join(models) + " |",
+              "|---|" + "---|" * len(models)]
     for s, per in metrics["per_structure"].items():
-        lines.append(f"| {s} | " + " | ".join(_fmt(per[m]["judge"], 2) for m in metrics["models"]) + " |")
+        lines.append(f"| {s} | " + " | ".join(_fmt(per[m]["judge"], 2) for m in models) + " |")
     t = metrics["tests"]
     lines += ["", f"Wilcoxon signed-rank on the judge composite: base vs SFT p = {t['base_vs_sft_judge_p']}, "
               f"SFT vs DPO p = {t['sft_vs_dpo_judge_p']}."]

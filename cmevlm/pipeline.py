@@ -1,0 +1,82 @@
+"""The whole method, stage after stage, on the Ray given by `ray.address`.
+
+    cmevlm pipeline --config configs/demo.yaml [--from sft] [--to evaluate]
+
+Each stage is skipped when its outputs are complete (its manifest) and resumes when it was
+interrupted; one line per stage says what happened, and a failing stage is named.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from cmevlm.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "teach", "sft", "sample", "prefer", "dpo", "evaluate")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"stage {stage} failed: {type(error).__name__}: {error}")
+        self.stage, self.error = stage, error
+
+
+@dataclass
+class StageResult:
+    stage: str
+    seconds: float
+    skipped: bool
+    summary: str
+
+
+def _runner(stage: str):
+    if stage == "ingest":
+        from cmevlm.ingest import run
+    elif stage == "teach":
+        from cmevlm.teach import run
+    elif stage == "sft":
+        from cmevlm.train.sft import run
+    elif stage == "sample":
+        from cmevlm.sample import run
+    elif stage == "prefer":
+        from cmevlm.prefer import run
+    elif stage == "dpo":
+        from cmevlm.train.dpo import run
+    else:
+        from cmevlm.evaluate.evaluation import run
+    return run
+
+
+def _summary(stage: str, m: dict) -> str:
+    return {
+        "ingest": lambda: f"{m['accepted']} items accepted, {m['quarantined']} quarantined",
+        "teach": lambda: f"{m['train']} train / {m['test']} test answers, {m['quarantined']} quarantined, ${m['cost_usd']:.4f}",
+        "sft": lambda: f"{m['global_step']} steps",
+        "sample": lambda: f"{m['items']} items x 5 answers",
+        "prefer": lambda: f"{m['pairs']} pairs, {m['quarantined']} quarantined",
+        "dpo": lambda: f"{m['global_step']} steps",
+        "evaluate": lambda: ", ".join(f"{k}: judge {v['judge']['mean']:.2f}, structure {v['structure_accuracy']:.2f}" for k, v in m["models"].items()),
+    }[stage]()
+
+
+def run(cfg: RunConfig, start: str = STAGES[0], stop: str = STAGES[-1], echo=print) -> list[StageResult]:
+    """Run the stages from `start` to `stop` in order; raises StageFailed naming the stage."""
+    chosen = STAGES[STAGES.index(start): STAGES.index(stop) + 1]
+    if not chosen:
+        raise ValueError(f"--from {start} comes after --to {stop}")
+    results = []
+    for i, stage in enumerate(chosen, 1):
+        t0 = time.time()
+        try:
+            m = _runner(stage)(cfg)
+        except Exception as e:
+            echo(f"[{i}/{len(chosen)}] {stage:<8} FAILED after {time.time() - t0:.0f} s: {type(e).__name__}: {e}")
+            raise StageFailed(stage, e) from e
+        r = StageResult(stage, time.time() - t0, bool(m.get("skipped")), _summary(stage, m))
+        echo(f"[{i}/{len(chosen)}] {stage:<8} {'skipped (complete)' if r.skipped else 'done'} in {r.seconds:.0f} s: {r.summary}")
+        results.append(r)
+    return results
