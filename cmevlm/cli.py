@@ -154,6 +154,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cmevlm.serve import app
+
+    cfg = _load(args)
+    from cmevlm.storage import Storage
+    from cmevlm.train.common import stage_uri
+
+    model = stage_uri(cfg, cfg.serve.model)
+    if not Storage(cfg.storage).exists(model.rstrip("/") + "/config.json"):
+        raise FileNotFoundError(f"no model to serve at {model} (set serve.model)")
+    print(f"serving {model} on http://{cfg.serve.host}:{args.port or cfg.serve.port} (Ctrl-C stops)", flush=True)
+    app.run(cfg, port=args.port)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cmevlm import demo
 
@@ -296,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-expert-sheet", action="store_true", help="also write eval/expert_sheet.{csv,html} for a surgeon")
     p.add_argument("--import-expert-sheet", metavar="FILE", help="validate a filled expert sheet and merge it into the report")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve a model with Ray Serve: OpenAI-compatible chat, /v1/explain, metrics",
+                       description="Deploy serve.model (default <workdir>/models/dpo) on Ray Serve with dynamic batching and "
+                       "autoscaling: POST /v1/chat/completions (OpenAI format, base64 images only, stream), POST /v1/explain "
+                       "(frame + mask -> composite -> answer), GET /v1/models, /healthz, /metrics. Binds 127.0.0.1 by default.")
+    _config_args(p)
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port, 8000)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the whole method offline on a laptop (what `make demo` runs)",
                        description="Synthetic data, a tiny Qwen2.5-VL, then every pipeline stage with the demo "

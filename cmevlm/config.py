@@ -229,6 +229,29 @@ class EvaluateConfig(_Section):
     report_examples: int = Field(8, ge=0, description="Items shown with image and answers in the report.")
 
 
+class ServeConfig(_Section):
+    """The Ray Serve endpoint inside the hospital (OpenAI-compatible chat and /v1/explain)."""
+
+    model: str = Field("models/dpo", description="Model to serve (relative = under the workdir; or s3://).")
+    name: str = Field("cmevlm", description="Model name reported by /v1/models and in responses.")
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 only behind the cluster's ingress and NetworkPolicy.")
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = CMEVLM_API_KEYS (comma-separated) or no auth.")
+    max_body_bytes: int = Field(10 * 2**20, ge=1024, description="Larger request bodies get 413.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Larger images get 400.")
+    max_tokens_cap: int = Field(512, ge=1, description="Upper bound of max_tokens.")
+    default_max_tokens: int = Field(128, ge=1)
+    max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call (@serve.batch).")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0, description="Autoscaling target per replica.")
+    num_cpus_per_replica: float = Field(1, gt=0)
+    num_gpus_per_replica: float = Field(0, ge=0, description="1 on the RTX 4090 pool.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type of the serving pool, e.g. RTX (KubeRay label).")
+    log_requests: bool = Field(False, description="Log request contents (off: patient data stays out of logs).")
+
+
 class ModelConfig(_Section):
     """The base model."""
 
@@ -255,6 +278,7 @@ class RunConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     prefer: PreferConfig = Field(default_factory=PreferConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
 

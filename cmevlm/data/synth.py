@@ -11,8 +11,9 @@ model can tell them apart from the pixels alone:
     duodenum                   thick tan-pink C-shaped loop
     pancreas                   yellow lobulated blob with a bumpy surface
 
-A scene is drawn for a left CME (structures on the left half, the retracted colon on the right)
-and mirrored for a right CME, so laterality is visible in the image. Layout written:
+A scene is drawn for a left CME (structures on the left half, an instrument entering from the
+lower-left corner, the retracted colon on the right) and mirrored for a right CME, so
+laterality is visible in the image. Layout written:
 
     <out>/procedures.csv                              procedure_id,site,laterality,phase
     <out>/<procedure_id>/frames/<frame_id>.png        RGB
@@ -149,6 +150,18 @@ def _structure_layer(rng: np.random.Generator, name: str, centre: tuple[float, f
     return tex, np.asarray(mask_img) > 127
 
 
+def _instrument(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A grey metallic instrument shaft entering from the lower-left corner (the dissection
+    side of a left CME): ((H, W, 3) colour, (H, W) bool footprint)."""
+    layer = Image.new("L", (FRAME_W, FRAME_H), 0)
+    x1, y1 = FRAME_W * (0.22 + rng.normal(0, 0.02)), FRAME_H * (0.72 + rng.normal(0, 0.03))
+    ImageDraw.Draw(layer).line([(-10, FRAME_H + 10), (x1, y1)], fill=255, width=26)
+    m = np.asarray(layer) > 127
+    yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W]
+    stripe = 0.5 + 0.5 * np.cos((xx + yy) * 0.35)[..., None]  # the shaft's cylindrical sheen
+    return np.array([150, 155, 165], np.float32) * (0.8 + 0.4 * stripe), m
+
+
 def _speculars(rng: np.random.Generator) -> np.ndarray:
     """Specular highlights: (H, W, 1) float32 in 0..1."""
     layer = Image.new("L", (FRAME_W, FRAME_H), 0)
@@ -180,6 +193,10 @@ def render_frame(rng: np.random.Generator, structures: list[str], laterality: st
         for other in masks.values():  # a later structure occludes earlier ones
             other &= ~m
         masks[name] = m
+    tool, tm = _instrument(rng)
+    img[tm] = tool[tm]
+    for m in masks.values():  # the instrument occludes what lies under it
+        m &= ~tm
     spec = _speculars(rng)
     img = img * _vignette()
     img = img * (1 - spec) + 255 * spec
@@ -246,6 +263,8 @@ def write_dataset(out: str | Path, procedures: int = 12, frames_per_procedure: i
             mdir.mkdir(parents=True, exist_ok=True)
             (fdir / f"{frame_id}.png").write_bytes(_png(frame))
             for name, m in masks.items():
+                if m.sum() < 20:  # (almost) hidden behind another structure or the instrument
+                    continue
                 (mdir / f"{name}.png").write_bytes(_png(m.astype(np.uint8) * 255))
                 n_masks += 1
             if progress:
