@@ -217,6 +217,16 @@ def _rebase(cfg, workdir: str):
 # ---------------------------------------------------------------------------------------------
 
 
+def _stage(sub, name: str, func, help: str, description: str, force: str | None = None) -> argparse.ArgumentParser:
+    """A stage subcommand: --config/--set, and --force when the stage can be rebuilt."""
+    p = sub.add_parser(name, help=help, description=description)
+    _config_args(p)
+    if force:
+        p.add_argument("--force", action="store_true", help=force)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmevlm",
@@ -254,63 +264,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tokens", type=int, default=36, help="image tokens per image: 16, 36, 64... (default 36)")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("ingest", help="frames + masks -> composite Parquet shards (Ray Data); bad items quarantined",
-                       description="Read every source (local or s3://, cmevlm or dsad layout), build one composite per "
+    p = _stage(sub, "ingest", cmd_ingest, "frames + masks -> composite Parquet shards (Ray Data); bad items quarantined",
+               "Read every source (local or s3://, cmevlm or dsad layout), build one composite per "
                        "(frame, structure) with the overlay and size from `data:`, split by procedure, and write Parquet "
-                       "shards to <workdir>/frames with a manifest. Bad items go to <workdir>/quarantine/quarantine.jsonl.")
-    _config_args(p)
-    p.add_argument("--force", action="store_true", help="rebuild even when frames/manifest.json says the stage is complete")
+                       "shards to <workdir>/frames with a manifest. Bad items go to <workdir>/quarantine/quarantine.jsonl.",
+               force="rebuild even when frames/manifest.json says the stage is complete")
     p.add_argument("--strict", action="store_true", help="exit 1 when anything was quarantined")
-    p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("teach", help="write the SFT dataset with a teacher that sees only text and binary masks",
-                       description="Ask the teacher (teacher.backend: gemini, openai or offline) for an expert answer per "
+    p = _stage(sub, "teach", cmd_teach, "write the SFT dataset with a teacher that sees only text and binary masks",
+               "Ask the teacher (teacher.backend: gemini, openai or offline) for an expert answer per "
                        "item, from text context and the binary mask only, rate-limited, cached and audited; write "
-                       "<workdir>/sft/{train,test} in TRL's conversational format, applying teacher/reviews.jsonl.")
-    _config_args(p)
-    p.add_argument("--force", action="store_true", help="reassemble even when sft/manifest.json says complete (cached answers are reused)")
-    p.set_defaults(func=cmd_teach)
+                       "<workdir>/sft/{train,test} in TRL's conversational format, applying teacher/reviews.jsonl.",
+               force="reassemble even when sft/manifest.json says complete (cached answers are reused)")
 
-    p = sub.add_parser("sft", help="SFT of Qwen2.5-VL on Ray Train + DeepSpeed + TRL (vision encoder frozen)",
-                       description="Supervised fine-tuning on <workdir>/sft/train with TRL's SFTTrainer in a Ray Train "
+    p = _stage(sub, "sft", cmd_sft, "SFT of Qwen2.5-VL on Ray Train + DeepSpeed + TRL (vision encoder frozen)",
+               "Supervised fine-tuning on <workdir>/sft/train with TRL's SFTTrainer in a Ray Train "
                        "TorchTrainer under DeepSpeed ZeRO; vision encoder frozen, merger and LM trained. Checkpoints in "
-                       "<workdir>/checkpoints/sft, the model in <workdir>/models/sft.")
-    _config_args(p)
-    p.add_argument("--force", action="store_true", help="train again even when models/sft is complete")
-    p.set_defaults(func=cmd_sft)
+                       "<workdir>/checkpoints/sft, the model in <workdir>/models/sft.",
+               force="train again even when models/sft is complete")
 
-    p = sub.add_parser("sample", help="five answers per item from the frozen SFT model, one per sampling setting",
-                       description="Load models/sft once per actor (Ray Data actor pool; GPU actors on clusters) and answer every "
+    p = _stage(sub, "sample", cmd_sample, "five answers per item from the frozen SFT model, one per sampling setting",
+               "Load models/sft once per actor (Ray Data actor pool; GPU actors on clusters) and answer every "
                        "pool item five times with five distinct temperature/top_p/seed settings, batched across items. "
-                       "Resumable: a rerun generates only the items without answers.")
-    _config_args(p)
-    p.add_argument("--force", action="store_true", help="discard earlier samples and generate again")
-    p.set_defaults(func=cmd_sample)
+                       "Resumable: a rerun generates only the items without answers.",
+               force="discard earlier samples and generate again")
 
-    p = sub.add_parser("prefer", help="the judge picks accepted/rejected answers (text only) -> the DPO dataset",
-                       description="Send each item's five answers and its ground truth, as text only, through the same guarded, "
+    p = _stage(sub, "prefer", cmd_prefer, "the judge picks accepted/rejected answers (text only) -> the DPO dataset",
+               "Send each item's five answers and its ground truth, as text only, through the same guarded, "
                        "audited, cached and rate-limited client as the teacher; the judge (judge.backend) names one accepted "
-                       "and one rejected answer. Writes <workdir>/preferences in TRL's preference format.")
-    _config_args(p)
-    p.add_argument("--force", action="store_true", help="reassemble even when preferences/manifest.json says complete")
-    p.set_defaults(func=cmd_prefer)
+                       "and one rejected answer. Writes <workdir>/preferences in TRL's preference format.",
+               force="reassemble even when preferences/manifest.json says complete")
 
-    p = sub.add_parser("dpo", help="DPO of the SFT model on the preference dataset (all components trained)",
-                       description="Direct preference optimisation on <workdir>/preferences with TRL's DPOTrainer in a Ray "
-                       "Train TorchTrainer under DeepSpeed ZeRO; reference = the frozen SFT model; every component trained.")
-    _config_args(p)
-    p.add_argument("--force", action="store_true", help="train again even when models/dpo is complete")
-    p.set_defaults(func=cmd_dpo)
+    p = _stage(sub, "dpo", cmd_dpo, "DPO of the SFT model on the preference dataset (all components trained)",
+               "Direct preference optimisation on <workdir>/preferences with TRL's DPOTrainer in a Ray "
+                       "Train TorchTrainer under DeepSpeed ZeRO; reference = the frozen SFT model; every component trained.",
+               force="train again even when models/dpo is complete")
 
-    p = sub.add_parser("evaluate", help="base vs SFT vs DPO on the test set: BLEU-4, BERTScore, judge, rubric, report",
-                       description="Answer every test item with each model (greedy, Ray Data actors), score the answers "
+    p = _stage(sub, "evaluate", cmd_evaluate, "base vs SFT vs DPO on the test set: BLEU-4, BERTScore, judge, rubric, report",
+               "Answer every test item with each model (greedy, Ray Data actors), score the answers "
                        "(BLEU-4, BERTScore F1, the LLM judge on text only, rubric measures), compare models (per structure, "
-                       "per site, Wilcoxon tests) and write eval/metrics.json, eval/answers.parquet, eval/report.html.")
-    _config_args(p)
-    p.add_argument("--force", action="store_true", help="recompute metrics even when eval/ is complete (answers are reused)")
+                       "per site, Wilcoxon tests) and write eval/metrics.json, eval/answers.parquet, eval/report.html.",
+               force="recompute metrics even when eval/ is complete (answers are reused)")
     p.add_argument("--export-expert-sheet", action="store_true", help="also write eval/expert_sheet.{csv,html} for a surgeon")
     p.add_argument("--import-expert-sheet", metavar="FILE", help="validate a filled expert sheet and merge it into the report")
-    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve a model with Ray Serve: OpenAI-compatible chat, /v1/explain, metrics",
                        description="Deploy serve.model (default <workdir>/models/dpo) on Ray Serve with dynamic batching and "

@@ -161,3 +161,23 @@ def fake_llm():
     """A Gemini/OpenAI-speaking server on 127.0.0.1 that logs every request."""
     with FakeLLM() as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def taught(ray_local, tmp_path_factory, synth_dir, tiny_model_dir):
+    """A workdir after ingest and the offline teacher (frames/, sft/), with the tiny model
+    standing in as a finished models/sft. Tests copy what they need out of it."""
+    import shutil
+
+    from cmevlm import ingest, teach
+    from cmevlm.config import load_config
+    from cmevlm.storage import Storage
+
+    workdir = tmp_path_factory.mktemp("taught") / "run"
+    cfg = load_config(overrides=[f"workdir={workdir}", f"model.base={tiny_model_dir}", f"sources=[{{uri: '{synth_dir}'}}]",
+                                 "data.image_size=56"])
+    ingest.run(cfg)
+    teach.run(cfg)
+    shutil.copytree(tiny_model_dir, workdir / "models/sft")
+    Storage().write_manifest(str(workdir / "models/sft"), stage="sft")
+    return workdir

@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from cmevlm import ingest, teach
+
 from cmevlm.config import load_config
 from cmevlm.evaluate import evaluation, expert
 from cmevlm.evaluate.metrics import bertscore_f1, bleu4, mean_std, wilcoxon_p
@@ -22,14 +22,10 @@ def _cfg(workdir, base, *extra):
 
 
 @pytest.fixture(scope="module")
-def workdir(ray_local, tmp_path_factory, synth_dir, tiny_model_dir):
-    """frames/ and sft/ from the offline teacher; the tiny model stands in as models/sft."""
+def workdir(taught, tmp_path_factory):
     wd = tmp_path_factory.mktemp("eval") / "run"
-    cfg = _cfg(wd, tiny_model_dir, f"sources=[{{uri: '{synth_dir}'}}]")
-    ingest.run(cfg)
-    teach.run(cfg)
-    shutil.copytree(tiny_model_dir, wd / "models/sft")
-    Storage().write_manifest(str(wd / "models/sft"), stage="sft")
+    for sub in ("frames", "sft", "models"):
+        shutil.copytree(taught / sub, wd / sub)
     return wd
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from cmevlm import ingest, prefer, sample, teach
+from cmevlm import prefer, sample
 from cmevlm.config import load_config
 from cmevlm.model.generate import Setting, decode_image, generate
 from cmevlm.model.loading import load_model, load_processor
@@ -21,16 +21,7 @@ def _cfg(workdir, base, *extra):
                                   "sample.max_new_tokens=12", "judge.batch_size=4", *extra])
 
 
-@pytest.fixture(scope="module")
-def taught(ray_local, tmp_path_factory, synth_dir, tiny_model_dir):
-    """frames/ and sft/ from the offline teacher, and the tiny model standing in as models/sft."""
-    workdir = tmp_path_factory.mktemp("sp") / "base"
-    cfg = _cfg(workdir, tiny_model_dir, f"sources=[{{uri: '{synth_dir}'}}]")
-    ingest.run(cfg)
-    teach.run(cfg)
-    shutil.copytree(tiny_model_dir, workdir / "models/sft")
-    Storage().write_manifest(str(workdir / "models/sft"), stage="sft")
-    return workdir
+
 
 
 def _copy(taught, dest, subs=("frames", "sft", "models")):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cmevlm import ingest, teach
+
 from cmevlm.config import load_config
 from cmevlm.data.formats import PREF_SCHEMA
 from cmevlm.model.loading import load_model, load_processor
@@ -29,14 +29,7 @@ def _cfg(workdir, base, *extra):
     return load_config(overrides=[f"workdir={workdir}", f"model.base={base}", "data.image_size=56", *TRAIN, *extra])
 
 
-@pytest.fixture(scope="module")
-def taught(ray_local, tmp_path_factory, synth_dir, tiny_model_dir):
-    """A workdir with frames/ and sft/ (offline teacher); tests copy it."""
-    workdir = tmp_path_factory.mktemp("train") / "base"
-    cfg = _cfg(workdir, tiny_model_dir, f"sources=[{{uri: '{synth_dir}'}}]")
-    ingest.run(cfg)
-    teach.run(cfg)
-    return workdir
+
 
 
 def _copy(taught, dest: Path) -> Path:
