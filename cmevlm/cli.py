@@ -169,6 +169,28 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    import yaml
+
+    from cmevlm import k8s
+
+    cfg = _load(args)
+    if args.dry_run:
+        print(yaml.safe_dump_all([k8s.config_map(args.stage, cfg, args.namespace), k8s.rayjob(args.stage, cfg, args.namespace)], sort_keys=False), end="")
+        return 0
+    try:
+        job = k8s.submit(args.stage, cfg, args.namespace, host=args.api_server)
+        name = job["metadata"]["name"]
+        print(f"created RayJob {name} in {args.namespace} (kubectl get rayjob {name} -n {args.namespace})")
+        if args.wait:
+            final = k8s.wait(name, args.namespace, host=args.api_server, poll_s=args.poll)
+            return 0 if final == "SUCCEEDED" else 1
+    except k8s.SubmitError as e:
+        print(f"cmevlm submit: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cmevlm import demo
 
@@ -315,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port, 8000)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="submit a stage as a KubeRay RayJob (or print it with --dry-run)",
+                       description="Build the stage's RayJob (and the ConfigMap holding the run config) and create them through "
+                       "the Kubernetes API (kubeconfig or in-cluster); --wait follows status.jobStatus until the job ends.")
+    p.add_argument("stage", choices=STAGES, help="the stage to run")
+    _config_args(p)
+    p.add_argument("--namespace", "-n", default="default", help="Kubernetes namespace (default: default)")
+    p.add_argument("--dry-run", action="store_true", help="print the ConfigMap and RayJob as YAML; create nothing")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 unless it SUCCEEDED")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between status polls with --wait")
+    p.add_argument("--api-server", default=None, help="API server URL instead of kubeconfig (e.g. through kubectl proxy)")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("demo", help="run the whole method offline on a laptop (what `make demo` runs)",
                        description="Synthetic data, a tiny Qwen2.5-VL, then every pipeline stage with the demo "

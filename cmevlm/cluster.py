@@ -22,8 +22,9 @@ def connect(cfg: RayConfig):
         return ray
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")  # a RayJob's submitter sets RAY_ADDRESS
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
     log.info("ray: %s", ray.cluster_resources())
