@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batch-wait", type=float, default=0.005, help="serve.batch_wait_timeout_s (seconds a batch waits to fill)")
     args = ap.parse_args()
 
     model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "m", max_pixels=168 * 168)
@@ -95,7 +96,7 @@ def main() -> None:
     for batch in (8, 1):
         port = free_port()
         cfg = load_config(overrides=[f"serve.model={model_dir}", f"serve.port={port}", f"serve.max_batch_size={batch}",
-                                     "serve.batch_wait_timeout_s=0.01", "serve.num_cpus_per_replica=1", "data.image_size=168"])
+                                     f"serve.batch_wait_timeout_s={args.batch_wait}", "serve.num_cpus_per_replica=1", "data.image_size=168"])
         app.run(cfg, block=False)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         load(url, body, 2, 1)  # warm-up

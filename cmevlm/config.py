@@ -242,7 +242,7 @@ class ServeConfig(_Section):
     max_tokens_cap: int = Field(512, ge=1, description="Upper bound of max_tokens.")
     default_max_tokens: int = Field(128, ge=1)
     max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call (@serve.batch).")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="Seconds a batch waits to fill (adds to latency at low load).")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(4, gt=0, description="Autoscaling target per replica.")

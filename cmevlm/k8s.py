@@ -7,7 +7,8 @@ that KubeRay creates for it and deletes after it (shutdownAfterJobFinishes): a h
 GPUs, and a worker group that is the H100 pool for the GPU stages (sft, dpo, sample, evaluate)
 and CPU workers otherwise. The run config travels in a ConfigMap mounted at /etc/cmevlm; secrets
 (GEMINI_API_KEY, AWS_*, serve keys) come from a Secret referenced by name, never by value.
-Pods run as non-root with dropped capabilities and resource requests and limits.
+Pods run as non-root on a read-only root filesystem (Ray writes to /tmp and ~/.cache
+emptyDirs) with dropped capabilities and resource requests and limits.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ClusterSpec:
 
 
 def _security() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+    return {"runAsNonRoot": True, "runAsUser": 1000, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
@@ -55,7 +56,8 @@ def _container(name: str, spec: ClusterSpec, cpu: str, memory: str, gpus: int = 
         "securityContext": _security(),
         "envFrom": [{"secretRef": {"name": spec.secret, "optional": True}}],
         "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
-        "volumeMounts": [{"name": "run-config", "mountPath": "/etc/cmevlm", "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "run-config", "mountPath": "/etc/cmevlm", "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "cache", "mountPath": "/home/ray/.cache"}],
     }
 
 
@@ -63,7 +65,7 @@ def _pod(container: dict, config_map: str, spec: ClusterSpec, node_selector: dic
     pod = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
         "containers": [container],
-        "volumes": [{"name": "run-config", "configMap": {"name": config_map}}, {"name": "tmp", "emptyDir": {}}],
+        "volumes": [{"name": "run-config", "configMap": {"name": config_map}}, {"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}],
     }
     if spec.service_account:
         pod["serviceAccountName"] = spec.service_account

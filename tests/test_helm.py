@@ -72,6 +72,8 @@ def test_scenario_renders_valid_secure_objects(scenario, tmp_path):
                 assert spec["securityContext"]["runAsNonRoot"] is True
                 for c in spec["containers"]:
                     assert c["securityContext"]["runAsNonRoot"] and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+                    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+                    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp", "/etc/cmevlm"}
                     assert c["resources"]["requests"] and c["resources"]["limits"]
                     assert all("value" not in e or e["name"] == "RAY_USAGE_STATS_ENABLED" for e in c.get("env", []))
                     assert c["envFrom"][0]["secretRef"]["name"]  # secrets by reference only

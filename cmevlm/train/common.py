@@ -143,6 +143,17 @@ class MetricsCallback:
         return _Metrics()
 
 
+def attach_callbacks(trainer, metrics) -> None:
+    """Report checkpoints to Ray Train, keep per-step metrics, and drop the HF printer (with
+    tqdm off it prints every log line; metrics.jsonl has them)."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(metrics)
+    trainer.remove_callback(PrinterCallback)
+
+
 def _gpu_memory() -> dict:
     import torch
 

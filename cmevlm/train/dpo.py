@@ -31,7 +31,7 @@ def train_loop(config: dict) -> None:
 
         deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
     import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
     from trl import DPOConfig, DPOTrainer
 
     from cmevlm.model.loading import load_model, load_processor, local_model_dir
@@ -46,8 +46,7 @@ def train_loop(config: dict) -> None:
     dataset = common.load_dataset(Storage(cfg.storage), config["data"])
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=processor)
     metrics = common.MetricsCallback(t.per_device_batch_size * common.grad_accumulation(t) * t.num_workers)
-    trainer.add_callback(RayTrainReportCallback())
-    trainer.add_callback(metrics)
+    common.attach_callbacks(trainer, metrics)
     trainer = prepare_trainer(trainer)
     if ray.train.get_context().get_world_rank() == 0:
         log.info("dpo: %d pairs, trainable parameters %s", len(dataset), json.dumps(counts))

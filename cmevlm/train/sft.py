@@ -34,7 +34,7 @@ def train_loop(config: dict) -> None:
 
         deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")  # before zero.Init sees the world
     import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
     from trl import SFTConfig, SFTTrainer
 
     from cmevlm.model.loading import load_model, load_processor
@@ -48,8 +48,7 @@ def train_loop(config: dict) -> None:
     dataset = common.load_dataset(Storage(cfg.storage), config["data"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     metrics = common.MetricsCallback(t.per_device_batch_size * common.grad_accumulation(t) * t.num_workers)
-    trainer.add_callback(RayTrainReportCallback())
-    trainer.add_callback(metrics)
+    common.attach_callbacks(trainer, metrics)
     trainer = prepare_trainer(trainer)
     if ray.train.get_context().get_world_rank() == 0:
         log.info("sft: %d examples, trainable parameters %s", len(dataset), json.dumps(counts))

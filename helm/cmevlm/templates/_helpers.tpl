@@ -13,10 +13,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 cmevlm.io/site: {{ .Values.site | quote }}
 {{- end -}}
 
-{{/* cmevlm.containerSecurity: non-root, no privilege escalation, no capabilities. */}}
+{{/* cmevlm.containerSecurity: non-root, read-only root filesystem (Ray writes to the /tmp and
+~/.cache emptyDirs), no privilege escalation, no capabilities. */}}
 {{- define "cmevlm.containerSecurity" -}}
 runAsNonRoot: true
 runAsUser: {{ .Values.runAsUser }}
+readOnlyRootFilesystem: true
 allowPrivilegeEscalation: false
 capabilities:
   drop: ["ALL"]
@@ -52,6 +54,8 @@ come from the existing Secret by reference only; the run config from the ConfigM
       readOnly: true
     - name: tmp
       mountPath: /tmp
+    - name: cache
+      mountPath: /home/ray/.cache
 {{- end -}}
 
 {{/* cmevlm.podExtras: pod security, the run-config and /tmp volumes. Args: the root context. */}}
@@ -65,5 +69,7 @@ volumes:
     configMap:
       name: {{ include "cmevlm.fullname" . }}-config
   - name: tmp
+    emptyDir: {}
+  - name: cache
     emptyDir: {}
 {{- end -}}
