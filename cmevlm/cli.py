@@ -83,56 +83,15 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
-def cmd_ingest(args) -> int:
-    from cmevlm import ingest
+def cmd_stage(args) -> int:
+    """Any pipeline stage: run it (or skip it when complete) and say what it produced."""
+    from cmevlm import pipeline
 
-    m = ingest.run(_load(args), force=args.force)
-    print(f"ingest: {m['accepted']} accepted, {m['quarantined']} quarantined{' (skipped: already complete)' if m.get('skipped') else ''}")
-    if args.strict and m["quarantined"]:
-        print("ingest: --strict and items were quarantined: see quarantine/quarantine.jsonl", file=sys.stderr)
+    m = pipeline.runner(args.command)(_load(args), force=args.force)
+    print(f"{args.command}: {pipeline.summary(args.command, m)}{' (skipped: already complete)' if m.get('skipped') else ''}")
+    if getattr(args, "strict", False) and m.get("quarantined"):
+        print(f"{args.command}: --strict and items were quarantined: see the workdir's quarantine/", file=sys.stderr)
         return 1
-    return 0
-
-
-def cmd_teach(args) -> int:
-    from cmevlm import teach
-
-    m = teach.run(_load(args), force=args.force)
-    print(f"teach: {m['train']} train, {m['test']} test, {m['quarantined']} quarantined; "
-          f"{m['requests_sent']} requests, cost ${m['cost_usd']:.4f}{' (skipped: already complete)' if m.get('skipped') else ''}")
-    return 0
-
-
-def cmd_sft(args) -> int:
-    from cmevlm.train import sft
-
-    m = sft.run(_load(args), force=args.force)
-    print(f"sft: {m['global_step']} steps -> {m.get('training', {}).get('output', 'models/sft')}{' (skipped: already complete)' if m.get('skipped') else ''}")
-    return 0
-
-
-def cmd_dpo(args) -> int:
-    from cmevlm.train import dpo
-
-    m = dpo.run(_load(args), force=args.force)
-    print(f"dpo: {m['global_step']} steps -> {m.get('training', {}).get('output', 'models/dpo')}{' (skipped: already complete)' if m.get('skipped') else ''}")
-    return 0
-
-
-def cmd_sample(args) -> int:
-    from cmevlm import sample
-
-    m = sample.run(_load(args), force=args.force)
-    print(f"sample: {m['items']} items x 5 answers ({m['generated']} generated now){' (skipped: already complete)' if m.get('skipped') else ''}")
-    return 0
-
-
-def cmd_prefer(args) -> int:
-    from cmevlm import prefer
-
-    m = prefer.run(_load(args), force=args.force)
-    print(f"prefer: {m['pairs']} preference pairs, {m['quarantined']} quarantined; {m['requests_sent']} judge requests"
-          f"{' (skipped: already complete)' if m.get('skipped') else ''}")
     return 0
 
 
@@ -286,38 +245,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tokens", type=int, default=36, help="image tokens per image: 16, 36, 64... (default 36)")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = _stage(sub, "ingest", cmd_ingest, "frames + masks -> composite Parquet shards (Ray Data); bad items quarantined",
+    p = _stage(sub, "ingest", cmd_stage, "frames + masks -> composite Parquet shards (Ray Data); bad items quarantined",
                "Read every source (local or s3://, cmevlm or dsad layout), build one composite per "
                        "(frame, structure) with the overlay and size from `data:`, split by procedure, and write Parquet "
                        "shards to <workdir>/frames with a manifest. Bad items go to <workdir>/quarantine/quarantine.jsonl.",
                force="rebuild even when frames/manifest.json says the stage is complete")
     p.add_argument("--strict", action="store_true", help="exit 1 when anything was quarantined")
 
-    p = _stage(sub, "teach", cmd_teach, "write the SFT dataset with a teacher that sees only text and binary masks",
+    p = _stage(sub, "teach", cmd_stage, "write the SFT dataset with a teacher that sees only text and binary masks",
                "Ask the teacher (teacher.backend: gemini, openai or offline) for an expert answer per "
                        "item, from text context and the binary mask only, rate-limited, cached and audited; write "
                        "<workdir>/sft/{train,test} in TRL's conversational format, applying teacher/reviews.jsonl.",
                force="reassemble even when sft/manifest.json says complete (cached answers are reused)")
 
-    p = _stage(sub, "sft", cmd_sft, "SFT of Qwen2.5-VL on Ray Train + DeepSpeed + TRL (vision encoder frozen)",
+    p = _stage(sub, "sft", cmd_stage, "SFT of Qwen2.5-VL on Ray Train + DeepSpeed + TRL (vision encoder frozen)",
                "Supervised fine-tuning on <workdir>/sft/train with TRL's SFTTrainer in a Ray Train "
                        "TorchTrainer under DeepSpeed ZeRO; vision encoder frozen, merger and LM trained. Checkpoints in "
                        "<workdir>/checkpoints/sft, the model in <workdir>/models/sft.",
                force="train again even when models/sft is complete")
 
-    p = _stage(sub, "sample", cmd_sample, "five answers per item from the frozen SFT model, one per sampling setting",
+    p = _stage(sub, "sample", cmd_stage, "five answers per item from the frozen SFT model, one per sampling setting",
                "Load models/sft once per actor (Ray Data actor pool; GPU actors on clusters) and answer every "
                        "pool item five times with five distinct temperature/top_p/seed settings, batched across items. "
                        "Resumable: a rerun generates only the items without answers.",
                force="discard earlier samples and generate again")
 
-    p = _stage(sub, "prefer", cmd_prefer, "the judge picks accepted/rejected answers (text only) -> the DPO dataset",
+    p = _stage(sub, "prefer", cmd_stage, "the judge picks accepted/rejected answers (text only) -> the DPO dataset",
                "Send each item's five answers and its ground truth, as text only, through the same guarded, "
                        "audited, cached and rate-limited client as the teacher; the judge (judge.backend) names one accepted "
                        "and one rejected answer. Writes <workdir>/preferences in TRL's preference format.",
                force="reassemble even when preferences/manifest.json says complete")
 
-    p = _stage(sub, "dpo", cmd_dpo, "DPO of the SFT model on the preference dataset (all components trained)",
+    p = _stage(sub, "dpo", cmd_stage, "DPO of the SFT model on the preference dataset (all components trained)",
                "Direct preference optimisation on <workdir>/preferences with TRL's DPOTrainer in a Ray "
                        "Train TorchTrainer under DeepSpeed ZeRO; reference = the frozen SFT model; every component trained.",
                force="train again even when models/dpo is complete")

@@ -33,7 +33,8 @@ class StageResult:
     summary: str
 
 
-def _runner(stage: str):
+def runner(stage: str):
+    """The `run(cfg, force=False)` of a stage."""
     if stage == "ingest":
         from cmevlm.ingest import run
     elif stage == "teach":
@@ -51,9 +52,10 @@ def _runner(stage: str):
     return run
 
 
-def _summary(stage: str, m: dict) -> str:
+def summary(stage: str, m: dict) -> str:
+    """One line on what a stage produced, from its manifest or metrics."""
     return {
-        "ingest": lambda: f"{m['accepted']} items accepted, {m['quarantined']} quarantined",
+        "ingest": lambda: f"{m['accepted']} accepted, {m['quarantined']} quarantined",
         "teach": lambda: f"{m['train']} train / {m['test']} test answers, {m['quarantined']} quarantined, ${m['cost_usd']:.4f}",
         "sft": lambda: f"{m['global_step']} steps",
         "sample": lambda: f"{m['items']} items x 5 answers",
@@ -72,11 +74,11 @@ def run(cfg: RunConfig, start: str = STAGES[0], stop: str = STAGES[-1], echo=pri
     for i, stage in enumerate(chosen, 1):
         t0 = time.time()
         try:
-            m = _runner(stage)(cfg)
+            m = runner(stage)(cfg)
         except Exception as e:
             echo(f"[{i}/{len(chosen)}] {stage:<8} FAILED after {time.time() - t0:.0f} s: {type(e).__name__}: {e}")
             raise StageFailed(stage, e) from e
-        r = StageResult(stage, time.time() - t0, bool(m.get("skipped")), _summary(stage, m))
+        r = StageResult(stage, time.time() - t0, bool(m.get("skipped")), summary(stage, m))
         echo(f"[{i}/{len(chosen)}] {stage:<8} {'skipped (complete)' if r.skipped else 'done'} in {r.seconds:.0f} s: {r.summary}")
         results.append(r)
     return results
