@@ -24,7 +24,7 @@ import pyarrow as pa
 from cmevlm.config import RunConfig
 from cmevlm.data.formats import PREF_SCHEMA, answer_text, assistant_turn, prompt_text
 from cmevlm.storage import Storage, join
-from cmevlm.teach import needs_review
+from cmevlm.teach import needs_review, read_reviews
 from cmevlm.teacher import pool
 from cmevlm.teacher.backends import Verdict
 from cmevlm.teacher.client import merge_audit
@@ -53,19 +53,6 @@ def preference_row(gt_row: dict, answers: list[str], verdict: dict, flagged: boo
     }
 
 
-def read_reviews(storage: Storage, uri: str) -> dict[str, dict]:
-    if not storage.exists(uri):
-        return {}
-    out = {}
-    for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
-        if line.strip():
-            r = json.loads(line)
-            if r.get("decision") not in ("accept", "swap", "reject") or not r.get("item_id"):
-                raise ValueError(f"{uri}:{n}: a review needs item_id and decision accept|swap|reject")
-            out[r["item_id"]] = r
-    return out
-
-
 def run(cfg: RunConfig, force: bool = False) -> dict:
     st = Storage(cfg.storage)
     out, samples = join(cfg.workdir, "preferences"), join(cfg.workdir, "samples")
@@ -91,7 +78,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
 
     # ---- assemble
-    reviews = read_reviews(st, reviews_uri)
+    reviews = read_reviews(st, reviews_uri, ("accept", "swap", "reject"))
     rows, quarantine, counts = [], [], Counter()
     for item_id, r in zip(ids, results):
         if r["error"]:

@@ -68,8 +68,9 @@ def sft_row(item: dict, composite: bytes, answer: str) -> dict:
     }
 
 
-def read_reviews(storage: Storage, uri: str) -> dict[str, dict]:
-    """`reviews.jsonl` -> {item_id: the last review of it}; bad lines are errors."""
+def read_reviews(storage: Storage, uri: str, decisions: tuple[str, ...] = ("accept", "edit", "reject")) -> dict[str, dict]:
+    """An expert's `reviews.jsonl` -> {item_id: the last review of it}; bad lines are errors.
+    The teacher's reviews decide accept|edit|reject, the preference reviews accept|swap|reject."""
     if not storage.exists(uri):
         return {}
     reviews = {}
@@ -77,8 +78,8 @@ def read_reviews(storage: Storage, uri: str) -> dict[str, dict]:
         if not line.strip():
             continue
         r = json.loads(line)
-        if r.get("decision") not in ("accept", "edit", "reject") or not r.get("item_id"):
-            raise ValueError(f"{uri}:{n}: a review needs item_id and decision accept|edit|reject")
+        if r.get("decision") not in decisions or not r.get("item_id"):
+            raise ValueError(f"{uri}:{n}: a review needs item_id and decision {'|'.join(decisions)}")
         if r["decision"] == "edit" and not (r.get("text") or "").strip():
             raise ValueError(f"{uri}:{n}: an edit needs text")
         reviews[r["item_id"]] = r
