@@ -15,21 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from cmevlm.cluster import ENV_DEFAULTS
 from cmevlm.pipeline import STAGES, StageFailed
 
 log = logging.getLogger("cmevlm")
 
-# Settings for this stack that must be in place before torch or Ray start (see PITFALLS.md):
-# tiny models slow down 100x with two threads on two busy cores; Ray must not phone home.
-ENV_DEFAULTS = {
-    "OMP_NUM_THREADS": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    # DeepSpeed's CPU comm op is compiled once by `make install` into the environment.
-    "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions"),
-}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from cmevlm.config import RayConfig
 
 log = logging.getLogger(__name__)
 
-# Measured on small CPU machines (PITFALLS.md): Ray must not report usage or ask for tokens,
-# and tiny models run 100x slower with two BLAS threads per process on two busy cores.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+# Settings for this stack that must be in place before torch or Ray start (PITFALLS.md): tiny
+# models run 100x slower with two BLAS threads per process on two busy cores; Ray must not
+# report usage or ask for tokens; nothing may reach a model hub; DeepSpeed's CPU comm op is
+# compiled once by `make install` into the environment. The CLI applies them at start too.
+ENV_DEFAULTS = {
+    "OMP_NUM_THREADS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions"),
+}
 
 
 def connect(cfg: RayConfig):
@@ -20,7 +30,7 @@ def connect(cfg: RayConfig):
 
     if ray.is_initialized():
         return ray
-    for k, v in RAY_ENV.items():
+    for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # a RayJob's submitter sets RAY_ADDRESS
     if address:
