@@ -86,12 +86,16 @@ def test_offline_judge_writes_valid_preference_rows(sampled, tmp_path):
     assert m["pairs"] == 12 and m["quarantined"] == 0
     rows = Storage().read_parquet(str(workdir / "preferences")).to_pylist()
     samples = _samples(workdir)
+    truth = {x["item_id"]: x["messages"][1]["content"][0]["text"] for x in Storage().read_parquet(str(workdir / "sft/train")).to_pylist()}
     for r in rows:
         assert r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant"
         assert r["prompt"][0]["role"] == "user" and r["images"][0]["bytes"]
         answers = [a["text"] for a in samples[r["item_id"]]["answers"]]
         assert r["rejected"][0]["content"][0]["text"] in answers  # never the ground truth
-        assert r["chosen"][0]["content"][0]["text"] != r["rejected"][0]["content"][0]["text"] or "accepted" in r["judge_reason"]
+        assert r["chosen"][0]["content"][0]["text"] in answers + [truth[r["item_id"]]]
+        verdict = r["judge_reason"].split(":")[0]  # "accepted X, rejected Y"
+        accepted, rejected = verdict.replace("accepted ", "").split(", rejected ")
+        assert accepted != rejected
     assert 0 < m["needs_review"] < 12
     for line in (workdir / "teacher/audit.jsonl").read_text().splitlines()[-12:]:
         assert [p["kind"] for p in json.loads(line)["parts"]] == ["text"]  # no image, no mask
