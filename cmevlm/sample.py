@@ -12,7 +12,6 @@ the batches in flight and a rerun generates only the items that have no part yet
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
@@ -21,6 +20,7 @@ import pyarrow as pa
 from cmevlm.config import RunConfig
 from cmevlm.data.formats import prompt_text
 from cmevlm.model.generate import Setting, decode_image, generate
+from cmevlm.model.replicas import part_uri, read_parts, run_pool
 from cmevlm.storage import Storage, join
 from cmevlm.train.common import stage_uri
 
@@ -69,8 +69,7 @@ class SampleWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
         rows = sample_items(self.model, self.processor, items, self.settings, self.cfg.sample.max_new_tokens)
-        name = hashlib.sha256("|".join(sorted(it["item_id"] for it in items)).encode()).hexdigest()[:20]
-        self.storage.write_parquet(join(self.parts, f"{name}.parquet"), pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
+        self.storage.write_parquet(part_uri(self.parts, [it["item_id"] for it in items]), pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
         return pa.table({"item_id": [it["item_id"] for it in items]})
 
 
@@ -92,26 +91,14 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     pool = st.read_parquet(pool_uri, columns=["item_id", "images", "messages"]).to_pylist()
     if s.limit:
         pool = pool[: s.limit]
-    done = set()
-    for f in st.list_files(parts, ".parquet"):
-        done.update(st.read_parquet(f, columns=["item_id"]).column("item_id").to_pylist())
+    done = {r["item_id"] for r in read_parts(st, parts)}
     todo = [{"item_id": r["item_id"], "image": r["images"][0]["bytes"], "prompt": prompt_text(r["messages"])}
             for r in pool if r["item_id"] not in done]
     log.info("sample: %d pool items, %d already answered, %d to generate", len(pool), len(done & {r["item_id"] for r in pool}), len(todo))
 
     # ---- generate on the actor pool
-    if todo:
-        from cmevlm.cluster import connect
-
-        ray = connect(cfg.ray)
-        blocks = max(1, -(-len(todo) // s.batch_size))
-        ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
-            SampleWorker,
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "model_uri": model_uri, "parts_uri": parts},
-            batch_size=s.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(s.concurrency, blocks)),
-            num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor,
-        ).materialize()
+    run_pool(cfg, todo, SampleWorker, {"cfg_json": cfg.model_dump_json(), "model_uri": model_uri, "parts_uri": parts},
+             s.batch_size, s.concurrency, s.num_cpus_per_actor, s.num_gpus_per_actor)
 
     # ---- manifest over every part
     files = st.list_files(parts, ".parquet")

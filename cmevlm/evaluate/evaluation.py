@@ -25,6 +25,7 @@ from cmevlm.config import RunConfig
 from cmevlm.data.formats import answer_text, prompt_text
 from cmevlm.evaluate import metrics as M
 from cmevlm.model.generate import decode_image, generate
+from cmevlm.model.replicas import part_uri, read_parts, run_pool
 from cmevlm.rubric import identifies, laterality_error, repetition_rate
 from cmevlm.storage import Storage, join
 from cmevlm.teacher import pool
@@ -70,8 +71,7 @@ class AnswerWorker:
         outs = generate(self.model, self.processor, [decode_image(it["image"]) for it in items], [it["prompt"] for it in items],
                         self.cfg.evaluate.max_new_tokens)
         rows = [{"model": self.name, "item_id": it["item_id"], "answer": text, "n_tokens": n} for it, (text, n) in zip(items, outs)]
-        key = hashlib.sha256("|".join(sorted(it["item_id"] for it in items)).encode()).hexdigest()[:20]
-        self.storage.write_parquet(join(self.parts, f"{key}.parquet"), pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA))
+        self.storage.write_parquet(part_uri(self.parts, [it["item_id"] for it in items]), pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA))
         return pa.table({"item_id": [it["item_id"] for it in items]})
 
 
@@ -79,23 +79,13 @@ def answer_all(cfg: RunConfig, st: Storage, name: str, uri: str, items: list[dic
     """{item_id: answer row} of one model; generates only what earlier runs did not."""
     e = cfg.evaluate
     parts = join(cfg.workdir, "eval", "answers", name)
-    done = {}
-    for f in st.list_files(parts, ".parquet"):
-        done.update({r["item_id"]: r for r in st.read_parquet(f).to_pylist()})
+    done = {r["item_id"]: r for r in read_parts(st, parts)}
     todo = [{"item_id": it["item_id"], "image": it["images"][0]["bytes"], "prompt": prompt_text(it["messages"])}
             for it in items if it["item_id"] not in done]
     if todo:
-        from cmevlm.cluster import connect
-
-        ray = connect(cfg.ray)
-        blocks = max(1, -(-len(todo) // e.batch_size))
-        ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
-            AnswerWorker, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "name": name, "model_uri": uri, "parts_uri": parts},
-            batch_size=e.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=min(e.concurrency, blocks)),
-            num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
-        ).materialize()
-        for f in st.list_files(parts, ".parquet"):
-            done.update({r["item_id"]: r for r in st.read_parquet(f).to_pylist()})
+        run_pool(cfg, todo, AnswerWorker, {"cfg_json": cfg.model_dump_json(), "name": name, "model_uri": uri, "parts_uri": parts},
+                 e.batch_size, e.concurrency, e.num_cpus_per_actor, e.num_gpus_per_actor)
+        done = {r["item_id"]: r for r in read_parts(st, parts)}
     log.info("evaluate: %s answered %d items (%d generated now)", name, len(items), len(todo))
     return done
 
