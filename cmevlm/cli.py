@@ -108,7 +108,7 @@ def cmd_serve(args) -> int:
 
     cfg = _load(args)
     from cmevlm.storage import Storage
-    from cmevlm.train.common import stage_uri
+    from cmevlm.storage import stage_uri
 
     model = stage_uri(cfg, cfg.serve.model)
     if not Storage(cfg.storage).exists(model.rstrip("/") + "/config.json"):

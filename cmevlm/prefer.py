@@ -23,13 +23,12 @@ import pyarrow as pa
 
 from cmevlm.config import RunConfig
 from cmevlm.data.formats import PREF_SCHEMA, answer_text, assistant_turn, prompt_text
-from cmevlm.storage import Storage, join
+from cmevlm.storage import Storage, join, stage_uri
 from cmevlm.teach import needs_review, read_reviews
 from cmevlm.teacher import pool
 from cmevlm.teacher.backends import Verdict
 from cmevlm.teacher.client import merge_audit
 from cmevlm.teacher.prompts import JUDGE_SYSTEM_PROMPT, LETTERS, judge_prompt
-from cmevlm.train.common import stage_uri
 
 log = logging.getLogger(__name__)
 

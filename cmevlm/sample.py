@@ -21,8 +21,7 @@ from cmevlm.config import RunConfig
 from cmevlm.data.formats import prompt_text
 from cmevlm.model.generate import Setting, decode_image, generate
 from cmevlm.model.replicas import part_uri, read_parts, run_pool
-from cmevlm.storage import Storage, join
-from cmevlm.train.common import stage_uri
+from cmevlm.storage import Storage, join, stage_uri
 
 log = logging.getLogger(__name__)
 

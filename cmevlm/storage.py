@@ -41,6 +41,11 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
+def stage_uri(cfg, path: str) -> str:
+    """A stage path under the run's workdir, unless it is already a URI or an absolute path."""
+    return path if is_s3(path) or os.path.isabs(path) else join(cfg.workdir, path)
+
+
 def s3_options(cfg: StorageConfig) -> dict[str, Any]:
     """Endpoint, region and keys for S3 clients: config first, then the AWS environment."""
     endpoint = cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -27,12 +27,11 @@ from cmevlm.evaluate import metrics as M
 from cmevlm.model.generate import decode_image, generate
 from cmevlm.model.replicas import part_uri, read_parts, run_pool
 from cmevlm.rubric import identifies, laterality_error, repetition_rate
-from cmevlm.storage import Storage, join
+from cmevlm.storage import Storage, join, stage_uri
 from cmevlm.teacher import pool
 from cmevlm.teacher.backends import JudgeScore
 from cmevlm.teacher.client import merge_audit
 from cmevlm.teacher.prompts import SCORE_SYSTEM_PROMPT, score_prompt
-from cmevlm.train.common import stage_uri
 
 log = logging.getLogger(__name__)
 

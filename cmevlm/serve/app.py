@@ -206,7 +206,7 @@ class VLMServer:
 
 def application(cfg: RunConfig):
     """The bound Serve application for a run config."""
-    from cmevlm.train.common import stage_uri
+    from cmevlm.storage import stage_uri
 
     s = cfg.serve
     model_uri = stage_uri(cfg, s.model)

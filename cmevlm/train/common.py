@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -93,11 +92,6 @@ def effective_values(t: _Training) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Data
-
-
-def stage_uri(cfg: RunConfig, path: str) -> str:
-    """A stage path under the workdir, unless it is already a full URI or absolute path."""
-    return path if is_s3(path) or os.path.isabs(path) else join(cfg.workdir, path)
 
 
 def load_dataset(storage: Storage, uri: str, image_columns=("images",)):

@@ -15,7 +15,7 @@ import json
 import logging
 
 from cmevlm.config import RunConfig
-from cmevlm.storage import Storage
+from cmevlm.storage import Storage, stage_uri
 from cmevlm.train import common
 from cmevlm.train.freeze import COMPONENTS, apply_freeze, trainable
 
@@ -58,7 +58,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     """Train and export; skipped when `models/dpo` has a manifest."""
     st = Storage(cfg.storage)
     t = cfg.dpo
-    out, data, policy = common.stage_uri(cfg, t.output), common.stage_uri(cfg, t.data), common.stage_uri(cfg, t.model)
+    out, data, policy = stage_uri(cfg, t.output), stage_uri(cfg, t.data), stage_uri(cfg, t.model)
     if st.is_complete(out) and not force:
         log.info("dpo: %s is complete, skipped", out)
         return {**st.read_manifest(out), "skipped": True}

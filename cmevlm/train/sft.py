@@ -18,7 +18,7 @@ import json
 import logging
 
 from cmevlm.config import RunConfig
-from cmevlm.storage import Storage, join
+from cmevlm.storage import Storage, join, stage_uri
 from cmevlm.train import common
 from cmevlm.train.freeze import COMPONENTS, apply_freeze, trainable
 
@@ -60,7 +60,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     """Train and export; skipped when `models/sft` has a manifest."""
     st = Storage(cfg.storage)
     t = cfg.sft
-    out, data = common.stage_uri(cfg, t.output), common.stage_uri(cfg, t.data)
+    out, data = stage_uri(cfg, t.output), stage_uri(cfg, t.data)
     if st.is_complete(out) and not force:
         log.info("sft: %s is complete, skipped", out)
         return {**st.read_manifest(out), "skipped": True}
