@@ -125,12 +125,16 @@ class Storage:
         self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def append_text(self, uri: str, text: str) -> None:
-        """Append to a local file, or rewrite an object (object stores have no append)."""
+        """Append to a local file in one O_APPEND write (lines from several processes never
+        interleave), or rewrite an object (object stores have no append: one writer only)."""
         fs, path = self.resolve(uri)
         if isinstance(fs, pafs.LocalFileSystem):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(text)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, text.encode("utf-8"))
+            finally:
+                os.close(fd)
         else:
             old = self.read_bytes(uri) if self.exists(uri) else b""
             self.write_bytes(uri, old + text.encode("utf-8"))

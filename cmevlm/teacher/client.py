@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import time
 import uuid
@@ -72,13 +71,7 @@ class AuditLog:
         if is_s3(self.uri):
             self.buffer.append(line)
         else:
-            path = self.storage.resolve(self.uri)[1]
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+            self.storage.append_text(self.uri, line)
 
     def flush(self) -> None:
         if self.buffer:
