@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 import socket
 
+from cmevlm.cluster import ENV_DEFAULTS  # noqa: E402  (light: no torch, no Ray)
+
 for _k, _v in {
-    "OMP_NUM_THREADS": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+    **ENV_DEFAULTS,
     # Keys for the loopback fakes; set before Ray starts so its workers inherit them.
     "GEMINI_API_KEY": "test-gemini-key",
     "OPENAI_API_KEY": "test-openai-key",
