@@ -124,17 +124,27 @@ class Storage:
     def write_json(self, uri: str, obj: Any) -> None:
         self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
-    def append_text(self, uri: str, text: str) -> None:
+    def append_text(self, uri: str, text: str, fsync: bool = False) -> None:
         """Append to a local file in one O_APPEND write (lines from several processes never
-        interleave), or rewrite an object (object stores have no append: one writer only)."""
+        interleave), or rewrite an object (object stores have no append: one writer only).
+        `fsync`: on local disk, return only once the line (and a new file's name) is on disk."""
         fs, path = self.resolve(uri)
         if isinstance(fs, pafs.LocalFileSystem):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            created = not os.path.exists(path)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, text.encode("utf-8"))
+                if fsync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
+            if fsync and created:
+                dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         else:
             old = self.read_bytes(uri) if self.exists(uri) else b""
             self.write_bytes(uri, old + text.encode("utf-8"))
