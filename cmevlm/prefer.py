@@ -8,7 +8,8 @@ five answers, as text only (no image, no mask), through the same TeacherClient a
 (payload builder and guard, audit, limiter, cache). It returns `{accepted, rejected, reason}`
 with A-E or `ground_truth` (accepted only); invalid verdicts are retried, then quarantined
 with the raw text. Each judged item becomes one TRL preference row; the expert's
-`preferences/reviews.jsonl` (accept | swap | reject) is applied when the dataset is assembled.
+`preferences/reviews.jsonl` (accept | swap | reject) is applied when the dataset is assembled;
+the flagged pairs, as the judge left them, go to the expert's queue `review/preferences.parquet`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from collections import Counter
 import pyarrow as pa
 
 from cmevlm.config import RunConfig
-from cmevlm.data.formats import PREF_SCHEMA, answer_text, assistant_turn, prompt_text
+from cmevlm.data.formats import PREF_SCHEMA, PREFERENCE_QUEUE_SCHEMA, answer_text, assistant_turn, prompt_text
 from cmevlm.storage import Storage, join, stage_uri
-from cmevlm.teach import needs_review, read_reviews
+from cmevlm.reviews import FILES, read_reviews
+from cmevlm.teach import needs_review
 from cmevlm.teacher import pool
 from cmevlm.teacher.backends import Verdict
 from cmevlm.teacher.client import merge_audit
@@ -52,10 +54,16 @@ def preference_row(gt_row: dict, answers: list[str], verdict: dict, flagged: boo
     }
 
 
+def queue_row(row: dict) -> dict:
+    """A flagged pair in the expert's preference queue, as the judge left it."""
+    return {**{k: row[k] for k in ("item_id", "structure", "laterality", "phase", "judge_reason")}, "prompt": prompt_text(row["prompt"]),
+            "image": row["images"][0]["bytes"], "chosen": answer_text(row["chosen"]), "rejected": answer_text(row["rejected"])}
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     st = Storage(cfg.storage)
     out, samples = join(cfg.workdir, "preferences"), join(cfg.workdir, "samples")
-    reviews_uri = join(out, "reviews.jsonl")  # the expert's file: kept when the stage is rebuilt
+    reviews_uri = join(cfg.workdir, FILES["preferences"][0])  # the expert's file: kept when the stage is rebuilt
     reviews_sha = hashlib.sha256(st.read_bytes(reviews_uri)).hexdigest() if st.exists(reviews_uri) else None
     if st.is_complete(out) and not force and st.read_manifest(out).get("reviews_sha256") == reviews_sha:
         log.info("prefer: %s is complete, skipped", out)
@@ -77,8 +85,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
 
     # ---- assemble
-    reviews = read_reviews(st, reviews_uri, ("accept", "swap", "reject"))
-    rows, quarantine, counts = [], [], Counter()
+    reviews = read_reviews(st, reviews_uri, FILES["preferences"][1])
+    rows, quarantine, counts, queue = [], [], Counter(), []
     for item_id, r in zip(ids, results):
         if r["error"]:
             quarantine.append({"item_id": item_id, "reason": r["error"], "raw": r["raw"]})
@@ -86,6 +94,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         verdict = json.loads(r["value"])
         counts["accepted_ground_truth"] += verdict["accepted"] == "ground_truth"
         row = preference_row(gt[item_id], sampled[item_id], verdict, needs_review(item_id, cfg.prefer.review_fraction, cfg.seed + 1))
+        if row["needs_review"]:
+            queue.append(queue_row(row))
         rev = reviews.get(item_id)
         if rev:
             counts["reviewed"] += 1
@@ -100,6 +110,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     for i in range(0, max(len(rows), 1), n):
         parts.append(join(out, "parts", f"part-{i // n:05d}.parquet"))
         st.write_parquet(parts[-1], pa.Table.from_pylist(rows[i:i + n], schema=PREF_SCHEMA))
+    st.write_parquet(join(cfg.workdir, "review", "preferences.parquet"), pa.Table.from_pylist(queue, schema=PREFERENCE_QUEUE_SCHEMA))
     st.write_text(join(cfg.workdir, "quarantine", "prefer.jsonl"), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
     manifest = st.write_manifest(
         out, parts, stage="prefer", backend=cfg.judge.backend, model=cfg.judge.model, pairs=len(rows), quarantined=len(quarantine),

@@ -11,7 +11,8 @@ TeacherClient per actor (cache, guard, audit, retries) and one rate limiter shar
 actors. Answers are cached as they arrive, so a crashed or killed run resumes without paying
 twice. The driver then assembles TRL conversational rows (`images` = [composite], `messages` =
 user [image + instruction] / assistant [answer]) and applies the expert's
-`teacher/reviews.jsonl` (accept | edit | reject).
+`teacher/reviews.jsonl` (accept | edit | reject). The flagged items, as the teacher wrote them,
+go to the expert's queue `review/answers.parquet` (`cmevlm review` shows it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import pyarrow as pa
 
 from cmevlm.config import RunConfig
 from cmevlm.data.composite import Geometry
-from cmevlm.data.formats import SFT_SCHEMA, assistant_turn, image, user_turn
+from cmevlm.data.formats import ANSWER_QUEUE_SCHEMA, SFT_SCHEMA, assistant_turn, image, user_turn
+from cmevlm.reviews import FILES, read_reviews
 from cmevlm.storage import Storage, join
 from cmevlm.teacher import pool
 from cmevlm.teacher.backends import TeacherAnswer
@@ -68,22 +70,10 @@ def sft_row(item: dict, composite: bytes, answer: str) -> dict:
     }
 
 
-def read_reviews(storage: Storage, uri: str, decisions: tuple[str, ...] = ("accept", "edit", "reject")) -> dict[str, dict]:
-    """An expert's `reviews.jsonl` -> {item_id: the last review of it}; bad lines are errors.
-    The teacher's reviews decide accept|edit|reject, the preference reviews accept|swap|reject."""
-    if not storage.exists(uri):
-        return {}
-    reviews = {}
-    for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        if r.get("decision") not in decisions or not r.get("item_id"):
-            raise ValueError(f"{uri}:{n}: a review needs item_id and decision {'|'.join(decisions)}")
-        if r["decision"] == "edit" and not (r.get("text") or "").strip():
-            raise ValueError(f"{uri}:{n}: an edit needs text")
-        reviews[r["item_id"]] = r
-    return reviews
+def queue_row(item: dict, composite: bytes, answer: str) -> dict:
+    """A flagged item in the expert's answer queue, as the teacher wrote it."""
+    return {"item_id": item["item_id"], "structure": item["structure"], "laterality": item["laterality"], "phase": item["phase"],
+            "prompt": TEMPLATE_BY_ID[item["template_id"]].text, "image": composite, "answer": answer}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +83,7 @@ def read_reviews(storage: Storage, uri: str, decisions: tuple[str, ...] = ("acce
 def run(cfg: RunConfig, force: bool = False) -> dict:
     st = Storage(cfg.storage)
     frames, out, tdir = join(cfg.workdir, "frames"), join(cfg.workdir, "sft"), join(cfg.workdir, "teacher")
-    reviews_uri = join(tdir, "reviews.jsonl")
+    reviews_uri = join(cfg.workdir, FILES["answers"][0])  # the expert's file (`cmevlm review` writes it)
     reviews_sha = hashlib.sha256(st.read_bytes(reviews_uri)).hexdigest() if st.exists(reviews_uri) else None
     if st.is_complete(out) and not force and st.read_manifest(out).get("reviews_sha256") == reviews_sha:
         m = st.read_manifest(out)
@@ -123,13 +113,15 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     composites = st.read_parquet(join(frames, "shards"), columns=["item_id", "composite"])
     comp = dict(zip(composites.column("item_id").to_pylist(), composites.column("composite").to_pylist()))
     rows = {"train": [], "test": []}
-    quarantine, review_counts = [], Counter()
+    quarantine, review_counts, queue = [], Counter(), []
     for it in items:
         r = by_id[it["item_id"]]
         answer = json.loads(r["value"])["answer"].strip() if r["value"] else ""
         if r["error"] or not answer:
             quarantine.append({"item_id": it["item_id"], "reason": r["error"] or "teacher returned an empty answer", "raw": r["raw"]})
             continue
+        if it["needs_review"]:
+            queue.append(queue_row(it, comp[it["item_id"]], answer))
         rev = reviews.get(it["item_id"])
         if rev:
             review_counts[rev["decision"]] += 1
@@ -142,6 +134,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         for i in range(0, max(len(rs), 1), cfg.ingest.rows_per_shard):
             st.write_parquet(join(out, split, f"part-{i // cfg.ingest.rows_per_shard:05d}.parquet"),
                              pa.Table.from_pylist(rs[i:i + cfg.ingest.rows_per_shard], schema=SFT_SCHEMA))
+    st.write_parquet(join(cfg.workdir, "review", "answers.parquet"), pa.Table.from_pylist(queue, schema=ANSWER_QUEUE_SCHEMA))
     st.write_text(join(tdir, "quarantine.jsonl"), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
 
     sent = sum(r["requests"] for r in results)

@@ -22,6 +22,13 @@ SFT_SCHEMA = pa.schema([("images", pa.list_(IMAGE)), ("messages", MESSAGES), *IT
 PREF_SCHEMA = pa.schema([("images", pa.list_(IMAGE)), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES),
                          *ITEM_FIELDS, ("judge_reason", pa.string())])
 
+# The expert's review queues under `<workdir>/review/`: the flagged items as the teacher or the
+# judge left them, before any review (the datasets change with the reviews; the queues do not).
+_QUEUE_FIELDS = [("item_id", pa.string()), ("structure", pa.string()), ("laterality", pa.string()), ("phase", pa.string()),
+                 ("prompt", pa.string()), ("image", pa.binary())]
+ANSWER_QUEUE_SCHEMA = pa.schema([*_QUEUE_FIELDS, ("answer", pa.string())])
+PREFERENCE_QUEUE_SCHEMA = pa.schema([*_QUEUE_FIELDS, ("chosen", pa.string()), ("rejected", pa.string()), ("judge_reason", pa.string())])
+
 
 def user_turn(prompt: str) -> dict:
     return {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": prompt}]}

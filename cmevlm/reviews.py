@@ -1,0 +1,87 @@
+"""The expert's review files: one append-only JSON-lines file per queue, read by the stages.
+
+    teacher/reviews.jsonl       {item_id, reviewer, decision: accept|edit|reject, text (edit), ts}
+    preferences/reviews.jsonl   {item_id, reviewer, decision: accept|swap|reject, ts}
+    eval/expert_reviews.jsonl   {item_id, reviewer, decision: score, scores: {A: 1-5, ...}, preferred: [A, ...], ts}
+
+`teach` and `prefer` apply the first two when they assemble their datasets; `cmevlm evaluate
+--import-expert-sheet eval/expert_reviews.jsonl` aggregates the third. A decision is one appended
+line, never a rewrite: the last line for an item wins and the earlier ones are its history.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from cmevlm.storage import Storage
+
+# queue -> (reviews file under the workdir, the decisions it allows)
+FILES = {
+    "answers": ("teacher/reviews.jsonl", ("accept", "edit", "reject")),
+    "preferences": ("preferences/reviews.jsonl", ("accept", "swap", "reject")),
+    "expert": ("eval/expert_reviews.jsonl", ("score",)),
+}
+SCORES = (1, 2, 3, 4, 5)
+
+
+def check(r: dict, decisions: tuple[str, ...]) -> None:
+    """Raise ValueError when a review is not one the stages can apply."""
+    if not isinstance(r, dict) or not r.get("item_id") or r.get("decision") not in decisions:
+        raise ValueError(f"a review needs item_id and decision {'|'.join(decisions)}")
+    if r["decision"] == "edit" and not (r.get("text") or "").strip():
+        raise ValueError("an edit needs text")
+    if r["decision"] == "score":
+        scores, preferred = r.get("scores"), r.get("preferred")
+        if not isinstance(scores, dict) or not scores or any(v not in SCORES for v in scores.values()):
+            raise ValueError("a score needs scores {letter: 1-5} for the answers")
+        if not isinstance(preferred, list) or not preferred or any(p not in scores for p in preferred):
+            raise ValueError("a score needs one or more preferred answers among the scored letters")
+
+
+def read_history(storage: Storage, uri: str, decisions: tuple[str, ...]) -> list[dict]:
+    """Every review in `uri`, oldest first; a bad line is an error naming its line number."""
+    if not storage.exists(uri):
+        return []
+    history = []
+    for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            check(r, decisions)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{uri}:{n}: {e}") from None
+        history.append(r)
+    return history
+
+
+def read_reviews(storage: Storage, uri: str, decisions: tuple[str, ...] = FILES["answers"][1]) -> dict[str, dict]:
+    """{item_id: the last review of it}."""
+    return {r["item_id"]: r for r in read_history(storage, uri, decisions)}
+
+
+class ReviewLog:
+    """The one writer of a reviews file: each decision is checked, stamped and appended as one
+    fsync'd line (O_APPEND on local disk, so writers in other threads or processes, e.g. two
+    browser tabs or two app instances, never lose each other's lines)."""
+
+    def __init__(self, storage: Storage, uri: str, decisions: tuple[str, ...]):
+        self.storage, self.uri, self.decisions = storage, uri, decisions
+        self._lock = threading.Lock()  # object stores have no append: one rewrite at a time
+
+    def append(self, review: dict) -> dict:
+        if not (review.get("reviewer") or "").strip():
+            raise ValueError("a review needs the reviewer's name")
+        check(review, self.decisions)
+        review = {**review, "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with self._lock:
+            self.storage.append_text(self.uri, json.dumps(review, sort_keys=True) + "\n", fsync=True)
+        return review
+
+    def history(self) -> list[dict]:
+        return read_history(self.storage, self.uri, self.decisions)
+
+    def latest(self) -> dict[str, dict]:
+        return read_reviews(self.storage, self.uri, self.decisions)
