@@ -15,6 +15,7 @@ import string
 
 from cmevlm.config import RunConfig
 from cmevlm.evaluate.metrics import mean_std
+from cmevlm.reviews import FILES, read_reviews
 from cmevlm.storage import Storage, join
 
 
@@ -66,8 +67,18 @@ class SheetError(ValueError):
     pass
 
 
+def sheet_lines(st: Storage, path: str, letters: str) -> list[dict]:
+    """A filled sheet as rows of the exported CSV: the CSV itself, or the review app's
+    `eval/expert_reviews.jsonl` (the last decision per item)."""
+    if path.endswith(".jsonl"):
+        reviews = read_reviews(st, path, FILES["expert"][1])
+        return [{"item_id": r["item_id"], **{f"score_{L}": str(r["scores"].get(L, "")) for L in letters}, "preferred": ";".join(r["preferred"])}
+                for r in reviews.values()]
+    return list(csv.DictReader(io.StringIO(st.read_text(path))))
+
+
 def import_sheet(cfg: RunConfig, path: str) -> dict:
-    """Validate a filled sheet and merge `{model: {score: {mean, std}, preferred}}` into
+    """Validate a filled sheet (CSV or the review app's JSONL) and merge `{model: {score: {mean, std}, preferred}}` into
     eval/metrics.json (and the report)."""
     from cmevlm.evaluate import report
 
@@ -77,21 +88,20 @@ def import_sheet(cfg: RunConfig, path: str) -> dict:
     letters, key = k["letters"], k["key"]
     scores = {m: [] for m in k["models"]}
     preferred = {m: 0 for m in k["models"]}
-    with open(path, newline="") as f:
-        for n, line in enumerate(csv.DictReader(f), 2):
-            item = line.get("item_id")
-            if item not in key:
-                raise SheetError(f"{path}:{n}: item {item!r} is not on the exported sheet")
-            for L in letters:
-                raw = (line.get(f"score_{L}") or "").strip()
-                if raw:
-                    if raw not in {"1", "2", "3", "4", "5"}:
-                        raise SheetError(f"{path}:{n}: score_{L} must be 1-5, got {raw!r}")
-                    scores[key[item][L]].append(int(raw))
-            for p in [x.strip().upper() for x in (line.get("preferred") or "").replace(",", ";").split(";") if x.strip()]:
-                if p not in letters:
-                    raise SheetError(f"{path}:{n}: preferred {p!r} is not one of {letters}")
-                preferred[key[item][p]] += 1
+    for n, line in enumerate(sheet_lines(st, path, letters), 2):
+        item = line.get("item_id")
+        if item not in key:
+            raise SheetError(f"{path}:{n}: item {item!r} is not on the exported sheet")
+        for L in letters:
+            raw = (line.get(f"score_{L}") or "").strip()
+            if raw:
+                if raw not in {"1", "2", "3", "4", "5"}:
+                    raise SheetError(f"{path}:{n}: score_{L} must be 1-5, got {raw!r}")
+                scores[key[item][L]].append(int(raw))
+        for p in [x.strip().upper() for x in (line.get("preferred") or "").replace(",", ";").split(";") if x.strip()]:
+            if p not in letters:
+                raise SheetError(f"{path}:{n}: preferred {p!r} is not one of {letters}")
+            preferred[key[item][p]] += 1
     expert = {m: {"score": mean_std(scores[m]), "preferred": preferred[m], "n": len(scores[m])} for m in k["models"]}
     metrics = st.read_json(join(out, "metrics.json"))
     metrics["expert"] = expert
