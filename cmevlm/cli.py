@@ -118,6 +118,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_review(args) -> int:
+    from cmevlm.review import app
+
+    cfg = _load(args)
+    try:
+        token = app.resolve_token(args.host, args.token)
+    except ValueError as e:
+        print(f"cmevlm review: {e}", file=sys.stderr)
+        return 2
+    print(f"reviewing {cfg.workdir} on http://{args.host}:{args.port}/{' (token required)' if token else ''} (Ctrl-C stops)", flush=True)
+    app.run(cfg, host=args.host, port=args.port, token=token, config_args=f" --config {args.config}" if args.config else "")
+    return 0
+
+
 def cmd_submit(args) -> int:
     import yaml
 
@@ -156,6 +170,10 @@ def cmd_demo(args) -> int:
         return 1
     print(f"\nTable 1 ({summary['metrics']['n_test']} held-out test items from unseen procedures):\n{summary['table']}")
     print(f"\ndemo: done in {time.time() - t0:.0f} s; report: {cfg.workdir}/eval/report.html")
+    r = summary["review"]
+    where = f" --set workdir={cfg.workdir}" if args.workdir else ""
+    print(f"expert review: {r['answers']} flagged answers, {r['preferences']} flagged preference pairs and {r['expert']} "
+          f"blinded expert items wait in `cmevlm review{where}` (http://127.0.0.1:8090/)")
     return 0
 
 
@@ -286,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port, 8000)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("review", help="the expert review web app: answers, preference pairs, blinded expert scores",
+                       description="A local web app for the surgeon: the answers flagged by teach (accept / edit / reject), "
+                       "the pairs flagged by prefer (accept / swap / reject) and the blinded expert sheet (1-5 scores, "
+                       "preferred answers). Each click is appended to teacher/reviews.jsonl, preferences/reviews.jsonl or "
+                       "eval/expert_reviews.jsonl at once; rerun teach / prefer to apply them. Binds 127.0.0.1 by default; "
+                       "any other address needs a token (--token or CMEVLM_REVIEW_TOKEN).")
+    _config_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8090, help="HTTP port (default 8090)")
+    p.add_argument("--token", default=None, help="access token asked at sign-in (default $CMEVLM_REVIEW_TOKEN); required off 127.0.0.1")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("submit", help="submit a stage as a KubeRay RayJob (or print it with --dry-run)",
                        description="Build the stage's RayJob (and the ConfigMap holding the run config) and create them through "

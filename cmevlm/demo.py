@@ -43,4 +43,8 @@ def run(cfg: RunConfig, procedures: int = 24, frames_per_procedure: int = 30) ->
     summary["stages"] = pipeline.run(cfg)
     summary["metrics"] = Storage(cfg.storage).read_json(join(cfg.workdir, "eval", "metrics.json"))
     summary["table"] = report.summary_text(summary["metrics"])
+    # ---- what waits for the surgeon in `cmevlm review`
+    from cmevlm.review.queues import load_queues
+
+    summary["review"] = {name: len(q.items) for name, q in load_queues(cfg).items()}
     return summary
