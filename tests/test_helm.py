@@ -8,17 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from cmevlm import k8s
 from cmevlm.config import load_config
+from kuberay_crds import validate_crd
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "cmevlm"
-CRDS = ROOT.parent / "shared" / "crds"
 HELM = shutil.which("helm", path=str(Path(sys.prefix) / "bin")) or shutil.which("helm")
 SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
 pytestmark = pytest.mark.skipif(HELM is None, reason="no helm binary (make install puts one in .venv/bin)")
@@ -36,14 +35,6 @@ def helm(*args, tmp=None) -> str:
 def render(values: Path | None, tmp) -> list[dict]:
     args = ["template", "rel", str(CHART), "--namespace", "ml"] + (["-f", str(values)] if values else [])
     return [d for d in yaml.safe_load_all(helm(*args, tmp=tmp)) if d]
-
-
-def crd_schema(kind: str) -> dict:
-    f = CRDS / f"ray.io_{kind.lower()}s.yaml"
-    if not f.exists():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS}: CRD validation skipped")
-    crd = yaml.safe_load(f.read_text())
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
 
 
 def pod_specs(obj: dict):
@@ -66,7 +57,7 @@ def test_scenario_renders_valid_secure_objects(scenario, tmp_path):
     assert "ConfigMap" in kinds and "NetworkPolicy" in kinds and "Secret" not in kinds
     for d in docs:
         if d["apiVersion"].startswith("ray.io/"):
-            jsonschema.validate(d, crd_schema(d["kind"]))
+            validate_crd(d)
             for tpl in pod_specs(d):
                 spec = tpl["spec"]
                 assert spec["securityContext"]["runAsNonRoot"] is True

@@ -12,16 +12,9 @@ import yaml
 from cmevlm import k8s
 from cmevlm.config import load_config
 from fake_k8s import FakeK8s
+from kuberay_crds import validate_crd
 
 ROOT = Path(__file__).resolve().parent.parent
-CRDS = ROOT.parent / "shared" / "crds"
-
-
-def _schema(kind_file: str) -> dict:
-    if not (CRDS / kind_file).exists():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS}: CRD validation skipped")
-    crd = yaml.safe_load((CRDS / kind_file).read_text())
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
 
 
 def _pods(job: dict):
@@ -35,7 +28,9 @@ def _pods(job: dict):
 def test_every_stage_rayjob_passes_the_kuberay_crd_and_the_house_rules(stage):
     cfg = load_config(overrides=["storage.secret_access_key=hunter2-secret"])
     job = k8s.rayjob(stage, cfg, "ml")
-    jsonschema.validate(job, _schema("ray.io_rayjobs.yaml"))
+    validate_crd(job)
+    with pytest.raises(jsonschema.ValidationError):  # the schema does check: a wrong type fails
+        validate_crd({**job, "spec": {**job["spec"], "shutdownAfterJobFinishes": "yes"}})
     assert job["spec"]["entrypoint"] == f"python jobs/{stage}.py --config /etc/cmevlm/run.yaml"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     for pod in _pods(job):
@@ -59,7 +54,7 @@ def test_submit_dry_run_prints_a_valid_rayjob():
     assert r.returncode == 0, r.stderr
     cm, job = list(yaml.safe_load_all(r.stdout))
     assert cm["kind"] == "ConfigMap" and "run.yaml" in cm["data"] and job["kind"] == "RayJob"
-    jsonschema.validate(job, _schema("ray.io_rayjobs.yaml"))
+    validate_crd(job)
     assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == cm["metadata"]["name"]
     assert load_config(overrides=[]).model_validate(yaml.safe_load(cm["data"]["run.yaml"]))
 
