@@ -71,7 +71,11 @@ def test_offline_teacher_writes_the_sft_dataset(tmp_path, frames_dir):
         assert r["structure"].replace("_", " ").replace("angels", "angel's") in answer and r["laterality"] in answer
     assert set(m["templates"]) == {t.template_id for t in TEMPLATES}
     assert max(m["templates"].values()) - min(m["templates"].values()) <= len(rows) // 4
-    assert 0.1 < m["needs_review"] / len(rows) < 0.4
+    # exactly the items the hash flags (item ids include the source path, so which ones varies
+    # with the test's tmp dir; the fraction itself is checked on fixed ids below)
+    flagged = {r["item_id"] for r in rows if r["needs_review"]}
+    assert flagged == {r["item_id"] for r in rows if teach.needs_review(r["item_id"], 0.25, cfg.seed)}
+    assert m["needs_review"] == len(flagged) > 0
     assert len(_audit(run)) == m["requests_sent"] == len(rows)
     again = teach.run(cfg)
     assert again["skipped"]
@@ -183,3 +187,13 @@ def test_gemini_batch_api_half_price_and_resume_without_resubmitting(tmp_path, f
         before = len(creates)
         teach.run(cfg)
         assert len([r for r in srv.requests if r["path"].endswith(":batchGenerateContent")]) == before
+
+
+def test_needs_review_flags_the_configured_fraction_deterministically():
+    ids = [f"item-{i:05d}" for i in range(4000)]
+    for fraction in (0.1, 0.25, 0.5):
+        flagged = [i for i in ids if teach.needs_review(i, fraction, seed=0)]
+        assert abs(len(flagged) / len(ids) - fraction) < 0.03
+        assert flagged == [i for i in ids if teach.needs_review(i, fraction, seed=0)]
+    assert not any(teach.needs_review(i, 0.0, 0) for i in ids) and all(teach.needs_review(i, 1.0, 0) for i in ids)
+    assert {i for i in ids if teach.needs_review(i, 0.25, 0)} != {i for i in ids if teach.needs_review(i, 0.25, 1)}
