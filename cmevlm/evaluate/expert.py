@@ -72,14 +72,14 @@ def sheet_lines(st: Storage, path: str, letters: str) -> list[dict]:
     `eval/expert_reviews.jsonl` (the last decision per item)."""
     if path.endswith(".jsonl"):
         reviews = read_reviews(st, path, FILES["expert"][1])
-        return [{"item_id": r["item_id"], **{f"score_{L}": str(r["scores"].get(L, "")) for L in letters}, "preferred": ";".join(r["preferred"])}
-                for r in reviews.values()]
+        return [{"item_id": r["item_id"], **{f"score_{L}": str(r["scores"].get(L, "")) for L in letters},
+                 "preferred": ";".join(r["preferred"])} for r in reviews.values()]
     return list(csv.DictReader(io.StringIO(st.read_text(path))))
 
 
 def import_sheet(cfg: RunConfig, path: str) -> dict:
-    """Validate a filled sheet (CSV or the review app's JSONL) and merge `{model: {score: {mean, std}, preferred}}` into
-    eval/metrics.json (and the report)."""
+    """Validate a filled sheet (CSV or the review app's JSONL) and merge
+    `{model: {score: {mean, std}, preferred}}` into eval/metrics.json (and the report)."""
     from cmevlm.evaluate import report
 
     st = Storage(cfg.storage)
