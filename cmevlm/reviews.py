@@ -82,6 +82,3 @@ class ReviewLog:
 
     def history(self) -> list[dict]:
         return read_history(self.storage, self.uri, self.decisions)
-
-    def latest(self) -> dict[str, dict]:
-        return read_reviews(self.storage, self.uri, self.decisions)

@@ -151,9 +151,6 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
         if not hmac.compare_digest(str(form.get("csrf", "")), sessions.csrf(request.state.sid)):
             raise PermissionError("CSRF check failed: reload the page and try again")
 
-    def queue_or_404(name: str) -> Queue | None:
-        return queues.get(name)
-
     def item_page(request: Request, q: Queue, n: int, status: int = 200, error: str | None = None, form=None) -> Response:
         latest, history = q.state()
         item = q.items[n - 1]
@@ -273,7 +270,7 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
 
     @app.get("/image/{queue}/{n}")
     def image(queue: str, n: int):
-        q = queue_or_404(queue)
+        q = queues.get(queue)
         if q is None or not 1 <= n <= len(q.items):
             return PlainTextResponse("not found", 404)
         png = q.image(n - 1)
@@ -283,7 +280,7 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
 
     @app.get("/{queue}")
     def resume(queue: str):
-        q = queue_or_404(queue)
+        q = queues.get(queue)
         if q is None:
             return PlainTextResponse("not found", 404)
         n = q.first_undecided(q.state()[0])
@@ -291,7 +288,7 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
 
     @app.get("/{queue}/done")
     def queue_done(request: Request, queue: str):
-        q = queue_or_404(queue)
+        q = queues.get(queue)
         if q is None:
             return PlainTextResponse("not found", 404)
         latest, _ = q.state()
@@ -299,14 +296,14 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
 
     @app.get("/{queue}/{n}")
     def item(request: Request, queue: str, n: int):
-        q = queue_or_404(queue)
+        q = queues.get(queue)
         if q is None or not 1 <= n <= len(q.items):
             return PlainTextResponse("not found", 404)
         return item_page(request, q, n)
 
     @app.post("/{queue}/{n}")
     async def decide(request: Request, queue: str, n: int):
-        q = queue_or_404(queue)
+        q = queues.get(queue)
         if q is None or not 1 <= n <= len(q.items):
             return PlainTextResponse("not found", 404)
         form = await request.form()
