@@ -99,7 +99,7 @@ def cmd_evaluate(args) -> int:
     print(f"report: {cfg.workdir}/eval/report.html")
     if args.export_expert_sheet:
         s = expert.export_sheet(cfg)
-        print(f"expert sheet: {s['items']} items -> {cfg.workdir}/eval/expert_sheet.csv (key kept in eval/expert_key.json)")
+        print(f"expert sheet: {s['items']} items -> {cfg.workdir}/{expert.SHEET} (key kept in eval/expert_key.json)")
     return 0
 
 

@@ -18,6 +18,13 @@ from cmevlm.evaluate.metrics import mean_std
 from cmevlm.reviews import FILES, read_reviews
 from cmevlm.storage import Storage, join
 
+SHEET = "eval/expert_sheet.csv"  # under the workdir: what the surgeon (or `cmevlm review`) scores
+
+
+def read_sheet(st: Storage, uri: str) -> list[dict]:
+    """The rows of an exported (or filled) sheet CSV."""
+    return list(csv.DictReader(io.StringIO(st.read_text(uri))))
+
 
 def export_sheet(cfg: RunConfig) -> dict:
     st = Storage(cfg.storage)
@@ -43,7 +50,7 @@ def export_sheet(cfg: RunConfig) -> dict:
     w = csv.DictWriter(buf, fieldnames=list(lines[0]))
     w.writeheader()
     w.writerows(lines)
-    st.write_text(join(out, "expert_sheet.csv"), buf.getvalue())
+    st.write_text(join(cfg.workdir, SHEET), buf.getvalue())
     st.write_json(join(out, "expert_key.json"), {"models": models, "letters": letters, "key": key})
     st.write_text(join(out, "expert_sheet.html"), _html(lines, letters, images))
     return {"items": len(lines), "letters": letters}
@@ -74,7 +81,7 @@ def sheet_lines(st: Storage, path: str, letters: str) -> list[dict]:
         reviews = read_reviews(st, path, FILES["expert"][1])
         return [{"item_id": r["item_id"], **{f"score_{L}": str(r["scores"].get(L, "")) for L in letters},
                  "preferred": ";".join(r["preferred"])} for r in reviews.values()]
-    return list(csv.DictReader(io.StringIO(st.read_text(path))))
+    return read_sheet(st, path)
 
 
 def import_sheet(cfg: RunConfig, path: str) -> dict:

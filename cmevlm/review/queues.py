@@ -8,14 +8,13 @@ holds that item (the queue was rebuilt).
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 from cmevlm.config import RunConfig
+from cmevlm.evaluate.expert import SHEET, export_sheet, read_sheet
 from cmevlm.reviews import FILES, ReviewLog
 from cmevlm.storage import Storage, join
 
@@ -26,7 +25,7 @@ TITLES = {"answers": "Answers", "preferences": "Preferences", "expert": "Expert 
 SOURCES = {
     "answers": "review/answers.parquet: written by `cmevlm teach` (items flagged needs_review; `--force` on an older run)",
     "preferences": "review/preferences.parquet: written by `cmevlm prefer` (pairs flagged needs_review; `--force` on an older run)",
-    "expert": "eval/expert_sheet.csv: written by `cmevlm evaluate --export-expert-sheet` (or at start-up here once eval/ exists)",
+    "expert": f"{SHEET}: written by `cmevlm evaluate --export-expert-sheet` (or at start-up here once eval/ exists)",
 }
 
 
@@ -75,15 +74,13 @@ def _parquet_queue(st: Storage, cfg: RunConfig, name: str, uri: str) -> Queue:
 
 def _expert_queue(st: Storage, cfg: RunConfig) -> Queue:
     reviews = ReviewLog(st, join(cfg.workdir, FILES["expert"][0]), FILES["expert"][1])
-    sheet_uri = join(cfg.workdir, "eval", "expert_sheet.csv")
+    sheet_uri = join(cfg.workdir, SHEET)
     if not st.exists(sheet_uri) and st.exists(join(cfg.workdir, "eval", "answers.parquet")):
-        from cmevlm.evaluate.expert import export_sheet
-
         log.info("review: exporting the expert sheet from eval/answers.parquet (%d items)", export_sheet(cfg)["items"])
     if not st.exists(sheet_uri):
         return Queue("expert", [], lambda i: b"", reviews, missing=SOURCES["expert"])
     # The sheet holds the blinded answers only; eval/expert_key.json is never read here.
-    rows = list(csv.DictReader(io.StringIO(st.read_text(sheet_uri))))
+    rows = read_sheet(st, sheet_uri)
     letters = "".join(k.removeprefix("answer_") for k in rows[0] if k.startswith("answer_")) if rows else ""
     items = [{"item_id": r["item_id"], "structure": r["structure"], "laterality": r["laterality"], "prompt": r["prompt"],
               "answers": {L: r[f"answer_{L}"] for L in letters}} for r in rows]
