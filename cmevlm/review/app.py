@@ -134,12 +134,14 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
 
     # -- pages -----------------------------------------------------------------------------
 
-    def page(request: Request, template: str, status: int = 200, **ctx) -> Response:
+    def page(request: Request, template: str, status: int = 200, known: dict | None = None, **ctx) -> Response:
+        """Render `template` with the nav's progress per queue; `known`: {queue: latest decisions}
+        this request has read already (each reviews file is read once per page)."""
         sid, session = request.state.sid, request.state.session
         nav = []
         for name, q in queues.items():
-            done, total = q.progress(q.state()[0])
-            nav.append({"name": name, "title": q.title, "done": done, "total": total})
+            done, total = q.progress(known[name] if known and name in known else q.state()[0])
+            nav.append({"name": name, "title": q.title, "done": done, "total": total, "missing": q.missing})
         flash, session["flash"] = session["flash"], []
         return templates.TemplateResponse(request, template, {
             "nav": nav, "reviewer": session["reviewer"], "csrf": sessions.csrf(sid), "flash": flash, **ctx}, status_code=status)
@@ -155,8 +157,8 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
         latest, history = q.state()
         item = q.items[n - 1]
         hist = history.get(item["item_id"], [])
-        return page(request, f"{q.name}.html", status, queue=q, n=n, item=item, current=hist[-1] if hist else None,
-                    history=hist, seen=len(hist), error=error, form=form, done=q.progress(latest)[0],
+        return page(request, f"{q.name}.html", status, {q.name: latest}, queue=q, n=n, item=item,
+                    current=hist[-1] if hist else None, history=hist, seen=len(hist), error=error, form=form, done=q.progress(latest)[0],
                     prev=n - 1 if n > 1 else None, next=n + 1 if n < len(q.items) else None)
 
     @app.middleware("http")
@@ -234,24 +236,20 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
 
     @app.get("/")
     def index(request: Request):
-        cards = []
-        for name, q in queues.items():
-            latest, _ = q.state()
-            done, total = q.progress(latest)
-            cards.append({"name": name, "title": q.title, "done": done, "total": total, "missing": q.missing})
-        return page(request, "index.html", cards=cards)
+        return page(request, "index.html")  # the nav's progress is the page
 
     @app.get("/summary")
     def summary(request: Request):
-        rows = []
+        rows, known = [], {}
         for name, q in queues.items():
             latest, history = q.state()
+            known[name] = latest
             ids = {it["item_id"] for it in q.items}
             done, total = q.progress(latest)
             rows.append({"name": name, "title": q.title, "done": done, "total": total, "counts": q.counts(latest),
                          "reviewers": Counter(r["reviewer"] for i, r in latest.items() if i in ids),
                          "changes": sum(len(h) for i, h in history.items() if i in ids) - done})
-        return page(request, "summary.html", rows=rows, config_args=config_args, workdir=cfg.workdir)
+        return page(request, "summary.html", known=known, rows=rows, config_args=config_args, workdir=cfg.workdir)
 
     @app.post("/expert/merge")
     async def merge_expert(request: Request):
@@ -292,7 +290,7 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
         if q is None:
             return PlainTextResponse("not found", 404)
         latest, _ = q.state()
-        return page(request, "done.html", queue=q, counts=q.counts(latest), done=q.progress(latest)[0])
+        return page(request, "done.html", known={q.name: latest}, queue=q, counts=q.counts(latest), done=q.progress(latest)[0])
 
     @app.get("/{queue}/{n}")
     def item(request: Request, queue: str, n: int):
