@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from cmevlm.config import SampleConfig  # noqa: E402
+from cmevlm.config import RunConfig, SampleConfig  # noqa: E402
 from cmevlm.data.composite import build_composite, encode_png  # noqa: E402
 from cmevlm.data.synth import render_frame  # noqa: E402
 from cmevlm.model.generate import Setting, decode_image, generate  # noqa: E402
-from cmevlm.model.loading import load_model, load_processor  # noqa: E402
+from cmevlm.model.loading import load  # noqa: E402
 from cmevlm.model.tiny import build_tiny_model  # noqa: E402
 from cmevlm.sample import sample_items  # noqa: E402
 from cmevlm.teacher.prompts import TEMPLATES  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     path = build_tiny_model(Path(tempfile.mkdtemp()) / "m", max_pixels=168 * 168)
-    model, proc = load_model(str(path)), load_processor(str(path))
+    model, proc = load(RunConfig(), str(path))
     settings = [Setting(s.temperature, s.top_p, s.seed) for s in SampleConfig().settings]
     data = items(args.items)
 

@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 from cmevlm.config import load_config  # noqa: E402
 from cmevlm.data.synth import render_frame  # noqa: E402
 from cmevlm.model.generate import generate_chat  # noqa: E402
-from cmevlm.model.loading import load_model, load_processor  # noqa: E402
+from cmevlm.model.loading import load as load_model  # noqa: E402
 from cmevlm.model.tiny import build_tiny_model  # noqa: E402
 from conftest import free_port  # noqa: E402
 
@@ -76,7 +76,7 @@ def main() -> None:
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
 
-    model, proc = load_model(str(model_dir)), load_processor(str(model_dir))
+    model, proc = load_model(load_config(), str(model_dir))
     generate_chat(model, proc, [conv], [image], args.max_tokens)  # warm-up
     lat = []
     t0 = time.perf_counter()

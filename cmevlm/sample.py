@@ -54,14 +54,11 @@ class SampleWorker:
     """Callable class for `map_batches`: one model replica per actor."""
 
     def __init__(self, cfg_json: str, model_uri: str, parts_uri: str):
-        import torch
-
-        from cmevlm.model.loading import load_model, load_processor
+        from cmevlm.model.loading import load
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
-        device = "cuda" if self.cfg.sample.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_uri, self.cfg.storage, device=device)
-        self.processor = load_processor(model_uri, self.cfg.storage)
+        s = self.cfg.sample
+        self.model, self.processor = load(self.cfg, model_uri, dtype=s.dtype, num_gpus=s.num_gpus_per_actor)
         self.settings = [Setting(s.temperature, s.top_p, s.seed) for s in self.cfg.sample.settings]
         self.storage, self.parts = Storage(self.cfg.storage), parts_uri
 

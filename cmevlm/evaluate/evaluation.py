@@ -56,13 +56,11 @@ class AnswerWorker:
     the batch's answers as one Parquet part."""
 
     def __init__(self, cfg_json: str, name: str, model_uri: str, parts_uri: str):
-        import torch
-
-        from cmevlm.model.loading import load_model, load_processor
+        from cmevlm.model.loading import load
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
-        device = "cuda" if self.cfg.evaluate.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.model, self.processor = load_model(model_uri, self.cfg.storage, device=device), load_processor(model_uri, self.cfg.storage)
+        e = self.cfg.evaluate
+        self.model, self.processor = load(self.cfg, model_uri, dtype=e.dtype, num_gpus=e.num_gpus_per_actor)
         self.name, self.storage, self.parts = name, Storage(self.cfg.storage), parts_uri
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -82,11 +82,55 @@ def load_processor(uri: str, storage: StorageConfig | None = None):
     return processor
 
 
-def load_model(uri: str, storage: StorageConfig | None = None, dtype: str = "float32", device: str = "cpu"):
-    """`Qwen2_5_VLForConditionalGeneration` from a local folder or s3:// prefix."""
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+
+
+def resolve_dtype(name: str, device: str):
+    """A torch dtype from a config name: `auto` = bfloat16 on a GPU, float32 on CPU (CPUs here
+    have no fast bf16 kernels; a 7B model in bf16 is 15.4 GiB, in fp32 30.9 GiB)."""
     import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})")
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_attention(name: str) -> str:
+    """The attention implementation; flash_attention_2 only where its package imports."""
+    import importlib.util
+
+    if name not in ATTENTION:
+        raise ValueError(f"unknown attention implementation {name!r} (one of {', '.join(ATTENTION)})")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package (GPU image); use sdpa")
+    return name
+
+
+def inference_device(num_gpus: float) -> str:
+    """cuda when the stage asks Ray for a GPU and one is visible, else cpu."""
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def load_model(uri: str, storage: StorageConfig | None = None, dtype: str = "float32", device: str = "cpu",
+               attn: str = "sdpa"):
+    """`Qwen2_5_VLForConditionalGeneration` from a local folder or s3:// prefix, in `dtype`
+    (a name of DTYPES), with attention `attn`, moved to `device`, in eval mode."""
     from transformers import AutoModelForImageTextToText
 
     path = local_model_dir(uri, storage)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=resolve_dtype(dtype, device), attn_implementation=resolve_attention(attn))
     return model.to(device).eval()
+
+
+def load(cfg, uri: str, dtype: str = "auto", num_gpus: float = 0, device: str | None = None):
+    """The one way a stage loads a model: (model, processor) from `uri` with the run's storage,
+    attention implementation and the stage's dtype, on a GPU when the stage has one."""
+    device = device or inference_device(num_gpus)
+    model = load_model(uri, cfg.storage, dtype=dtype, device=device, attn=cfg.model.attn_implementation)
+    return model, load_processor(uri, cfg.storage)

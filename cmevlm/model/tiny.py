@@ -94,6 +94,34 @@ def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: in
     )
 
 
+def like_config(tokenizer, like: dict, layers: int, vision_depth: int):
+    """A real config (e.g. configs/models/qwen2.5-vl-7b-instruct.json) with its widths, vocabulary
+    size and everything else kept, but `layers` decoder layers and `vision_depth` vision blocks,
+    and the special token ids of the local tokenizer (whose vocabulary is smaller than the
+    config's, as real Qwen's is: its embedding rows past the tokenizer are padding)."""
+    import copy
+
+    from transformers import Qwen2_5_VLConfig
+
+    c = copy.deepcopy(like)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    tokens = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+              "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+              "vision_token_id": ids["<|vision_pad|>"]}
+    for section in (c, c.get("text_config")):
+        if isinstance(section, dict):
+            section.update(num_hidden_layers=layers, max_window_layers=min(section.get("max_window_layers", layers), layers))
+            section.pop("layer_types", None)
+            section.update({k: v for k, v in tokens.items() if k in section or section is c})
+    v = c["vision_config"]
+    v["depth"] = vision_depth
+    v["fullatt_block_indexes"] = [i for i in v.get("fullatt_block_indexes", []) if i < vision_depth] or [vision_depth - 1]
+    if c.get("vocab_size", 0) < len(tokenizer):
+        raise ValueError(f"the config's vocabulary ({c.get('vocab_size')}) is smaller than the tokenizer's ({len(tokenizer)})")
+    return Qwen2_5_VLConfig.from_dict(c)
+
+
 def build_tiny_model(
     out: str | Path,
     seed: int = 0,
@@ -104,8 +132,12 @@ def build_tiny_model(
     vision_hidden: int = 64,
     vision_depth: int = 2,
     vocab_size: int = 2048,
+    like: dict | None = None,
 ) -> Path:
-    """Build, save (Hugging Face format) and return the directory of a tiny Qwen2.5-VL."""
+    """Build, save (Hugging Face format) and return the directory of a tiny Qwen2.5-VL; with
+    `like` (a real config.json's dict), a random model of that config's widths with `layers`
+    decoder layers and `vision_depth` vision blocks, in bfloat16 (7B widths, 2 + 2: ~1.6 B
+    parameters, 3.2 GB, mostly the two 152064 x 3584 embedding matrices)."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -116,8 +148,12 @@ def build_tiny_model(
     tokenizer = train_tokenizer([*default_corpus(), *(corpus or ())], vocab_size=vocab_size)
     processor = make_processor(tokenizer, min_pixels=56 * 56, max_pixels=max_pixels)
     torch.manual_seed(seed)
-    cfg = tiny_config(tokenizer, hidden=hidden, layers=layers, vision_hidden=vision_hidden, vision_depth=vision_depth)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    if like is not None:
+        cfg = like_config(tokenizer, like, layers, vision_depth)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16).eval()
+    else:
+        cfg = tiny_config(tokenizer, hidden=hidden, layers=layers, vision_hidden=vision_hidden, vision_depth=vision_depth)
+        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.pad_token_id,

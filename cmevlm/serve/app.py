@@ -77,15 +77,11 @@ def _sse(rid: str, created: int, model: str, results):
 @serve.ingress(api)
 class VLMServer:
     def __init__(self, cfg_json: str, model_uri: str):
-        import torch
-
-        from cmevlm.model.loading import load_model, load_processor
+        from cmevlm.model.loading import load
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         s = self.cfg.serve
-        device = "cuda" if s.num_gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_uri, self.cfg.storage, device=device)
-        self.processor = load_processor(model_uri, self.cfg.storage)
+        self.model, self.processor = load(self.cfg, model_uri, dtype=s.dtype, num_gpus=s.num_gpus_per_replica)
         self.keys = s.api_keys or [k for k in os.environ.get("CMEVLM_API_KEYS", "").split(",") if k]
         self.registry, self.m = _metrics()
         self.generate_batch.set_max_batch_size(s.max_batch_size)

@@ -31,6 +31,14 @@ def grad_accumulation(t: _Training) -> int:
     return max(1, round(t.effective_batch_size / (t.per_device_batch_size * t.num_workers)))
 
 
+def train_dtype(t: _Training) -> str:
+    """The dtype a worker loads weights in. Under DeepSpeed with bf16, bf16 weights (the real
+    checkpoints are bf16, so nothing is lost) and DeepSpeed keeps fp32 master copies in the
+    optimiser: half the host memory per worker. Otherwise fp32: plain DDP and CPU runs update
+    the loaded weights themselves."""
+    return "bfloat16" if t.bf16 and t.zero_stage > 0 else "float32"
+
+
 def deepspeed_config(t: _Training) -> dict | None:
     """The ZeRO config both recipes use; 'auto' values are filled by the HF Trainer from its args."""
     if t.zero_stage == 0:
@@ -68,7 +76,8 @@ def trainer_kwargs(t: _Training, output_dir: str) -> dict:
         gradient_accumulation_steps=grad_accumulation(t),
         bf16=t.bf16,
         use_cpu=not t.use_gpu,
-        gradient_checkpointing=False,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         deepspeed=deepspeed_config(t),
         optim="adamw_torch",
         logging_steps=t.logging_steps,
@@ -222,38 +231,35 @@ def fit(cfg: RunConfig, t: _Training, stage: str, loop, loop_config: dict):
 
 
 def export_model(cfg: RunConfig, result, base_uri: str, out_uri: str, frozen: set[str], extra: dict) -> dict:
-    """Final Ray checkpoint -> a Hugging Face model directory at `out_uri`.
+    """Final Ray checkpoint -> a Hugging Face model directory at `out_uri`, built by a Ray task
+    with its own memory request (`model.export_memory_gb`), never on the driver: the head pod
+    of a cluster is small, and the export streams tensors (cmevlm.train.export) so its memory
+    does not grow with the model. Returns the final marker plus the export's figures."""
+    import ray
 
-    The trained weights are loaded through transformers (which maps saved key names back to
-    the architecture's) and refused if any key is missing or unexpected (ZeRO-3 can save LM
-    keys as `model.model.*`); frozen tensors are copied bit for bit from the base (bf16
-    training casts them); the model is written in fp32 with the base's processor, chat
-    template and generation config, plus training_args.json, metrics.jsonl and loss.png."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from cmevlm.model.loading import load_model, load_processor
-    from cmevlm.train.freeze import component
-
-    storage = Storage(cfg.storage)
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
+    task = ray.remote(num_cpus=1, memory=int(cfg.model.export_memory_gb * 2**30), max_calls=1)(_export_task)
+    return ray.get(task.remote(cfg.model_dump_json(), ckpt, base_uri, out_uri, sorted(frozen), extra, str(result.error)))
+
+
+def _export_task(cfg_json: str, ckpt, base_uri: str, out_uri: str, frozen: list[str], extra: dict, error: str) -> dict:
+    """Inside the Ray task: stream the export into a temporary folder, add the training record
+    (training_args.json, metrics.jsonl, loss.png), upload. Its peak RSS goes into the result."""
+    from cmevlm.model.loading import local_model_dir
+    from cmevlm.train.export import export_dir, peak_rss_bytes
+
+    cfg = RunConfig.model_validate_json(cfg_json)
+    storage = Storage(cfg.storage)
+    t0 = time.time()
     with ckpt.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
         d = Path(d)
         if not (d / FINAL_MARKER).exists():
-            raise RuntimeError(f"training did not finish (its last checkpoint is not final): {result.error}")
-        model, info = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
-        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        if bad:
-            raise RuntimeError(f"trained weights do not match the architecture: {bad}")
-        # Save through a model loaded from the base: transformers 5 saves in the key format a
-        # model was loaded from, and the base's is the architecture's own.
-        out = load_model(base_uri, cfg.storage)
-        base, trained = out.state_dict(), model.state_dict()
-        out.load_state_dict({k: base[k] if component(k) in frozen else trained[k] for k in base})
-        out.to(torch.float32).save_pretrained(tmp)
-        load_processor(base_uri, cfg.storage).save_pretrained(tmp)
+            raise RuntimeError(f"training did not finish (its last checkpoint is not final): {error}")
+        m = cfg.model
+        figures = export_dir(local_model_dir(base_uri, cfg.storage), d, Path(tmp), set(frozen), dtype=m.export_dtype,
+                             shard_bytes=int(m.export_shard_gb * 2**30))
         for name in ("metrics.jsonl", "log_history.json"):
             if (d / name).exists():
                 shutil.copy(d / name, Path(tmp, name))
@@ -262,7 +268,9 @@ def export_model(cfg: RunConfig, result, base_uri: str, out_uri: str, frozen: se
         _loss_plot(Path(tmp, "metrics.jsonl"), Path(tmp, "loss.png"), extra.get("stage", ""))
         storage.delete(out_uri)
         storage.upload_dir(tmp, out_uri)
-        return final
+    figures.update(seconds=round(time.time() - t0, 1), peak_rss_gb=round(peak_rss_bytes() / 2**30, 3))
+    log.info("export: %s", json.dumps(figures))
+    return {**final, "export": figures}
 
 
 def _loss_plot(metrics: Path, out: Path, title: str) -> None:

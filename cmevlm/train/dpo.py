@@ -34,13 +34,12 @@ def train_loop(config: dict) -> None:
     from ray.train.huggingface.transformers import prepare_trainer
     from trl import DPOConfig, DPOTrainer
 
-    from cmevlm.model.loading import load_model, load_processor, local_model_dir
+    from cmevlm.model.loading import load, local_model_dir
 
     scratch = common.scratch_dir("dpo")
     args = DPOConfig(**common.trainer_kwargs(t, scratch), beta=t.beta, loss_type=[t.loss_type], max_length=t.max_length)
     policy_dir = str(local_model_dir(config["policy"], cfg.storage))  # TRL reloads the reference from it
-    model = load_model(policy_dir)
-    processor = load_processor(policy_dir)
+    model, processor = load(cfg, policy_dir, dtype=common.train_dtype(t), device="cpu")
     processor.tokenizer.padding_side = "right"
     counts = apply_freeze(model, config["freeze"])
     dataset = common.load_dataset(Storage(cfg.storage), config["data"])
@@ -70,6 +69,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     frozen = {c for c in COMPONENTS if not trainable(freeze, c)}
     values = {"stage": "dpo", "policy": policy, "reference": policy, "data": data, "freeze": freeze, **common.effective_values(t)}
     final = common.export_model(cfg, result, policy, out, frozen, values)
-    manifest = st.write_manifest(out, stage="dpo", global_step=final["global_step"], parameters=final["parameters"], training=values)
+    manifest = st.write_manifest(out, stage="dpo", global_step=final["global_step"], parameters=final["parameters"], training=values,
+                               export=final["export"])
     log.info("dpo: %d steps -> %s", final["global_step"], out)
     return manifest

@@ -37,12 +37,11 @@ def train_loop(config: dict) -> None:
     from ray.train.huggingface.transformers import prepare_trainer
     from trl import SFTConfig, SFTTrainer
 
-    from cmevlm.model.loading import load_model, load_processor
+    from cmevlm.model.loading import load
 
     scratch = common.scratch_dir("sft")
     args = SFTConfig(**common.trainer_kwargs(t, scratch), max_length=t.max_length, assistant_only_loss=True)
-    model = load_model(config["base"], cfg.storage)
-    processor = load_processor(config["base"], cfg.storage)
+    model, processor = load(cfg, config["base"], dtype=common.train_dtype(t), device="cpu")
     processor.tokenizer.padding_side = "right"  # training pads right; generation pads left
     counts = apply_freeze(model, config["freeze"])
     dataset = common.load_dataset(Storage(cfg.storage), config["data"])
@@ -72,6 +71,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     frozen = {c for c in COMPONENTS if not trainable(policy, c)}
     values = {"stage": "sft", "base": base, "data": data, "freeze": policy, **common.effective_values(t)}
     final = common.export_model(cfg, result, base, out, frozen, values)
-    manifest = st.write_manifest(out, stage="sft", global_step=final["global_step"], parameters=final["parameters"], training=values)
+    manifest = st.write_manifest(out, stage="sft", global_step=final["global_step"], parameters=final["parameters"], training=values,
+                               export=final["export"])
     log.info("sft: %d steps -> %s", final["global_step"], out)
     return manifest
