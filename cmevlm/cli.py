@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from cmevlm import stages
 from cmevlm.cluster import ENV_DEFAULTS
 from cmevlm.pipeline import STAGES, StageFailed
 
@@ -52,8 +53,22 @@ def cmd_config(args) -> int:
 def cmd_plan(args) -> int:
     """Exit 0 when every stage fits its pool, 3 when one does not."""
     from cmevlm import plan
+    from cmevlm.config import RunConfig, absolute_paths
 
-    result = plan.make_plan(_load(args))
+    values = plan.merged_values(args.values) if args.values else None
+    if values and not args.config:  # the run config the chart would mount, with --set on top
+        from cmevlm.config import ConfigError, apply_override, parse_override
+
+        data = values["runConfig"]
+        for text in args.overrides:
+            apply_override(data, *parse_override(text))
+        try:
+            cfg = absolute_paths(RunConfig.model_validate(data))
+        except ValueError as e:
+            raise ConfigError(f"runConfig of {args.values}: {e}") from None
+    else:
+        cfg = _load(args)
+    result = plan.make_plan(cfg, values=values)
     print(json.dumps(result, indent=2) if args.json else plan.render(result))
     return 0 if result["fits"] else PLAN_DOES_NOT_FIT
 
@@ -65,8 +80,9 @@ def _check_plan(cfg, args, stages) -> int:
 
     if args.no_plan:
         return 0
+    values = plan.merged_values(*args.values) if getattr(args, "values", None) else None
     try:
-        result = plan.make_plan(cfg, stages)
+        result = plan.make_plan(cfg, stages, values=values)
     except plan.PlanError as e:
         print(f"cmevlm {args.command}: plan skipped: {e}", file=sys.stderr)
         return 0
@@ -108,10 +124,9 @@ def cmd_tiny_model(args) -> int:
 
 def cmd_stage(args) -> int:
     """Any pipeline stage: run it (or skip it when complete) and say what it produced."""
-    from cmevlm import pipeline
-
-    m = pipeline.runner(args.command)(_load(args), force=args.force)
-    print(f"{args.command}: {pipeline.summary(args.command, m)}{' (skipped: already complete)' if m.get('skipped') else ''}")
+    st = stages.get(args.command)
+    m = st.run(_load(args), force=args.force)
+    print(f"{args.command}: {st.summary(m)}{' (skipped: already complete)' if m.get('skipped') else ''}")
     if getattr(args, "strict", False) and m.get("quarantined"):
         print(f"{args.command}: --strict and items were quarantined: see the workdir's quarantine/", file=sys.stderr)
         return 1
@@ -171,13 +186,13 @@ def cmd_submit(args) -> int:
     from cmevlm import k8s
 
     cfg = _load(args)
-    if refused := _check_plan(cfg, args, (args.stage,)):
+    if refused := _check_plan(cfg, args, STAGES if args.target == "pipeline" else (args.target,)):
         return refused
-    if args.dry_run:
-        print(yaml.safe_dump_all([k8s.config_map(args.stage, cfg, args.namespace), k8s.rayjob(args.stage, cfg, args.namespace)], sort_keys=False), end="")
-        return 0
     try:
-        job = k8s.submit(args.stage, cfg, args.namespace, host=args.api_server)
+        if args.dry_run:
+            print(yaml.safe_dump_all(k8s.render(args.target, cfg, args.namespace, tuple(args.values)), sort_keys=False), end="")
+            return 0
+        job = k8s.submit(args.target, cfg, args.namespace, host=args.api_server, values_files=tuple(args.values))
         name = job["metadata"]["name"]
         print(f"created RayJob {name} in {args.namespace} (kubectl get rayjob {name} -n {args.namespace})")
         if args.wait:
@@ -284,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "cmevlm pipeline and cmevlm submit run the same plan first. Formulas: docs/plan.md.")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--values", metavar="FILE", default=None,
+                   help="a site's Helm values: also check the chart's pods (head memory, the export task, GPUs and host "
+                   "memory of the pools); its runConfig is the run config unless --config is given")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("synth", help="write a synthetic CME dataset (frames, masks, procedures.csv)",
@@ -312,49 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-depth", type=int, default=2, help="vision blocks with --like (default 2)")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = _stage(sub, "ingest", cmd_stage, "frames + masks -> composite Parquet shards (Ray Data); bad items quarantined",
-               "Read every source (local or s3://, cmevlm or dsad layout), build one composite per "
-                       "(frame, structure) with the overlay and size from `data:`, split by procedure, and write Parquet "
-                       "shards to <workdir>/frames with a manifest. Bad items go to <workdir>/quarantine/quarantine.jsonl.",
-               force="rebuild even when frames/manifest.json says the stage is complete")
-    p.add_argument("--strict", action="store_true", help="exit 1 when anything was quarantined")
-
-    p = _stage(sub, "teach", cmd_stage, "write the SFT dataset with a teacher that sees only text and binary masks",
-               "Ask the teacher (teacher.backend: gemini, openai or offline) for an expert answer per "
-                       "item, from text context and the binary mask only, rate-limited, cached and audited; write "
-                       "<workdir>/sft/{train,test} in TRL's conversational format, applying teacher/reviews.jsonl.",
-               force="reassemble even when sft/manifest.json says complete (cached answers are reused)")
-
-    p = _stage(sub, "sft", cmd_stage, "SFT of Qwen2.5-VL on Ray Train + DeepSpeed + TRL (vision encoder frozen)",
-               "Supervised fine-tuning on <workdir>/sft/train with TRL's SFTTrainer in a Ray Train "
-                       "TorchTrainer under DeepSpeed ZeRO; vision encoder frozen, merger and LM trained. Checkpoints in "
-                       "<workdir>/checkpoints/sft, the model in <workdir>/models/sft.",
-               force="train again even when models/sft is complete")
-
-    p = _stage(sub, "sample", cmd_stage, "five answers per item from the frozen SFT model, one per sampling setting",
-               "Load models/sft once per actor (Ray Data actor pool; GPU actors on clusters) and answer every "
-                       "pool item five times with five distinct temperature/top_p/seed settings, batched across items. "
-                       "Resumable: a rerun generates only the items without answers.",
-               force="discard earlier samples and generate again")
-
-    p = _stage(sub, "prefer", cmd_stage, "the judge picks accepted/rejected answers (text only) -> the DPO dataset",
-               "Send each item's five answers and its ground truth, as text only, through the same guarded, "
-                       "audited, cached and rate-limited client as the teacher; the judge (judge.backend) names one accepted "
-                       "and one rejected answer. Writes <workdir>/preferences in TRL's preference format.",
-               force="reassemble even when preferences/manifest.json says complete")
-
-    p = _stage(sub, "dpo", cmd_stage, "DPO of the SFT model on the preference dataset (all components trained)",
-               "Direct preference optimisation on <workdir>/preferences with TRL's DPOTrainer in a Ray "
-                       "Train TorchTrainer under DeepSpeed ZeRO; reference = the frozen SFT model; every component trained.",
-               force="train again even when models/dpo is complete")
-
-    p = _stage(sub, "evaluate", cmd_evaluate, "base vs SFT vs DPO on the test set: BLEU-4, BERTScore, judge, rubric, report",
-               "Answer every test item with each model (greedy, Ray Data actors), score the answers "
-                       "(BLEU-4, BERTScore F1, the LLM judge on text only, rubric measures), compare models (per structure, "
-                       "per site, Wilcoxon tests) and write eval/metrics.json, eval/answers.parquet, eval/report.html.",
-               force="recompute metrics even when eval/ is complete (answers are reused)")
-    p.add_argument("--export-expert-sheet", action="store_true", help="also write eval/expert_sheet.{csv,html} for a surgeon")
-    p.add_argument("--import-expert-sheet", metavar="FILE", help="validate a filled expert sheet and merge it into the report")
+    for stage in STAGES:
+        st = stages.get(stage)
+        p = _stage(sub, stage, cmd_evaluate if stage == "evaluate" else cmd_stage, st.help, st.description, force=st.force)
+        if stage == "ingest":
+            p.add_argument("--strict", action="store_true", help="exit 1 when anything was quarantined")
+        if stage == "evaluate":
+            p.add_argument("--export-expert-sheet", action="store_true", help="also write eval/expert_sheet.{csv,html} for a surgeon")
+            p.add_argument("--import-expert-sheet", metavar="FILE", help="validate a filled expert sheet and merge it into the report")
 
     p = sub.add_parser("serve", help="serve a model with Ray Serve: OpenAI-compatible chat, /v1/explain, metrics",
                        description="Deploy serve.model (default <workdir>/models/dpo) on Ray Serve with dynamic batching and "
@@ -376,13 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="access token asked at sign-in (default $CMEVLM_REVIEW_TOKEN); required off 127.0.0.1")
     p.set_defaults(func=cmd_review)
 
-    p = sub.add_parser("submit", help="submit a stage as a KubeRay RayJob (or print it with --dry-run)",
-                       description="Build the stage's RayJob (and the ConfigMap holding the run config) and create them through "
-                       "the Kubernetes API (kubeconfig or in-cluster); --wait follows status.jobStatus until the job ends.")
-    p.add_argument("stage", choices=STAGES, help="the stage to run")
+    p = sub.add_parser("submit", help="submit the pipeline (or one stage) as a KubeRay RayJob, rendered by the chart",
+                       description="Render helm/cmevlm for this run (the run config, the pipeline or one stage enabled) and "
+                       "create what it renders through the Kubernetes API (kubeconfig or in-cluster): ConfigMap, the "
+                       "autoscaler's ServiceAccount and Role, NetworkPolicies, RayJob. --wait follows status.jobStatus until "
+                       "the job ends. The memory plan runs first and refuses a run that does not fit (exit 3).")
+    p.add_argument("target", choices=("pipeline", *STAGES), help="pipeline (every stage in order) or one stage")
     _config_args(p)
+    p.add_argument("--values", "-f", action="append", default=[], metavar="FILE",
+                   help="the site's chart values (image, pools, network), as for helm install (repeatable)")
     p.add_argument("--namespace", "-n", default="default", help="Kubernetes namespace (default: default)")
-    p.add_argument("--dry-run", action="store_true", help="print the ConfigMap and RayJob as YAML; create nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the objects as YAML; create nothing")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 unless it SUCCEEDED")
     p.add_argument("--poll", type=float, default=10.0, help="seconds between status polls with --wait")
     p.add_argument("--api-server", default=None, help="API server URL instead of kubeconfig (e.g. through kubectl proxy)")

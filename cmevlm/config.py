@@ -403,9 +403,32 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+# Fields that hold a secret, wherever they are. They may be set in a local config, but they are
+# masked wherever a config is printed and dropped from what goes to Kubernetes (the chart's
+# values schema refuses them): S3 keys come from AWS_*, serving keys from CMEVLM_API_KEYS.
+SECRET_FIELDS = ("access_key_id", "secret_access_key", "api_keys")
+
+
+def _secrets(data: Any, replace) -> Any:
+    """`data` with each secret field's value passed through `replace` (None drops the field)."""
+    if isinstance(data, list):
+        return [_secrets(x, replace) for x in data]
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for k, v in data.items():
+        v = replace(v) if k in SECRET_FIELDS else _secrets(v, replace)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def public_dict(cfg: RunConfig) -> dict:
+    """The config as plain data without any secret field: what may go into a ConfigMap."""
+    return _secrets(cfg.model_dump(mode="json"), lambda v: None)
+
+
 def dump_config(cfg: RunConfig) -> str:
-    """The config as YAML, with secrets masked (it goes into logs and reports)."""
-    data = cfg.model_dump(mode="json")
-    if data["storage"].get("secret_access_key"):
-        data["storage"]["secret_access_key"] = "***"
-    return yaml.safe_dump(data, sort_keys=False)
+    """The config as YAML, with every secret masked (it goes into logs and reports)."""
+    masked = _secrets(cfg.model_dump(mode="json"), lambda v: (["***"] * len(v) if isinstance(v, list) else "***") if v else v)
+    return yaml.safe_dump(masked, sort_keys=False)

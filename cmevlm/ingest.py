@@ -1,7 +1,7 @@
 """Ingest: frames + masks -> composite Parquet shards under `<workdir>/frames/`.
 
     cmevlm ingest --config configs/demo.yaml [--set ...] [--force] [--strict]
-    python jobs/ingest.py --config /etc/cmevlm/run.yaml
+    python jobs/run.py ingest --config /etc/cmevlm/run.yaml
 
 Every (frame, structure) pair becomes one row: the composite (frame with a translucent overlay
 on the structure, squared to `data.image_size`), the binary mask, its geometry and metadata

@@ -1,137 +1,88 @@
-"""RayJob objects for each stage, and their submission through the Kubernetes API.
+"""`cmevlm submit`: the chart's own objects for one run, created through the Kubernetes API.
 
-    cmevlm submit sft --config run.yaml [--namespace ml] [--dry-run] [--wait]
+    cmevlm submit pipeline --config run.yaml [--values site-values.yaml] [-n ml] [--dry-run] [--wait]
+    cmevlm submit sft --config run.yaml ...        (one stage's RayJob, for a rerun)
 
-A stage's RayJob runs `python jobs/<stage>.py --config /etc/cmevlm/run.yaml` on a Ray cluster
-that KubeRay creates for it and deletes after it (shutdownAfterJobFinishes): a head without
-GPUs, and a worker group that is the H100 pool for the GPU stages (sft, dpo, sample, evaluate)
-and CPU workers otherwise. The run config travels in a ConfigMap mounted at /etc/cmevlm; secrets
-(GEMINI_API_KEY, AWS_*, serve keys) come from a Secret referenced by name, never by value.
-Pods run as non-root on a read-only root filesystem (Ray writes to /tmp and ~/.cache
-emptyDirs) with dropped capabilities and resource requests and limits.
+There is one source of every object: the Helm chart in helm/cmevlm. `submit` renders it with
+`helm template` for this run (the run config as `runConfig`, only the pipeline or the one
+stage enabled, no serving) and creates what it renders: the ConfigMap holding the run config,
+the autoscaler's ServiceAccount and Role, the NetworkPolicies, and the RayJob. Secrets are
+never in what is sent: the config's secret fields are dropped (the pods read them from the
+Secret `existingSecret`). The release is named after a hash of the config, so submitting the
+same run twice is a 409 instead of a second paid run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
-from cmevlm.config import RunConfig, dump_config
+import yaml
 
-GPU_STAGES = ("sft", "dpo", "sample", "evaluate")
-STAGES = ("ingest", "teach", "sft", "sample", "prefer", "dpo", "evaluate")
+from cmevlm.config import RunConfig, public_dict
+from cmevlm.stages import NAMES
+
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """What the cluster offers; the defaults suit a KubeRay cluster with an H100 node pool."""
-
-    image: str = "ghcr.io/cmevlm/cmevlm:0.1.0"
-    ray_version: str = "2.60.0"
-    secret: str = "cmevlm-secrets"
-    service_account: str | None = None
-    gpu_workers: int = 1
-    cpu_workers: int = 1
-    gpus_per_worker: int = 8
-    gpu_node_selector: tuple = (("cmevlm.io/pool", "h100"),)
-    ttl_seconds_after_finished: int = 3600
-    active_deadline_seconds: int = 7 * 24 * 3600
-    backoff_limit: int = 0
-
-
-def _security() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": 1000, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def _container(name: str, spec: ClusterSpec, cpu: str, memory: str, gpus: int = 0) -> dict:
-    limits = {"cpu": cpu, "memory": memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
-    return {
-        "name": name, "image": spec.image, "imagePullPolicy": "IfNotPresent",
-        "resources": {"requests": {"cpu": cpu, "memory": memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}, "limits": limits},
-        "securityContext": _security(),
-        "envFrom": [{"secretRef": {"name": spec.secret, "optional": True}}],
-        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
-        "volumeMounts": [{"name": "run-config", "mountPath": "/etc/cmevlm", "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"},
-                         {"name": "cache", "mountPath": "/home/ray/.cache"}],
-    }
-
-
-def _pod(container: dict, config_map: str, spec: ClusterSpec, node_selector: dict | None = None, gpu: bool = False) -> dict:
-    pod = {
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-        "containers": [container],
-        "volumes": [{"name": "run-config", "configMap": {"name": config_map}}, {"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}],
-    }
-    if spec.service_account:
-        pod["serviceAccountName"] = spec.service_account
-    if node_selector:
-        pod["nodeSelector"] = node_selector
-    if gpu:
-        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    return pod
-
-
-def job_name(stage: str, cfg: RunConfig) -> str:
-    """cmevlm-<stage>-<hash of the run config>: the same config gives the same name (a 409
-    on resubmission instead of a second paid run)."""
-    return f"cmevlm-{stage}-{hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:8]}"
-
-
-def config_map(stage: str, cfg: RunConfig, namespace: str) -> dict:
-    """The run config (secrets masked by dump_config) as a ConfigMap."""
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": job_name(stage, cfg) + "-config", "namespace": namespace, "labels": {"app.kubernetes.io/name": "cmevlm"}},
-            "data": {"run.yaml": f"# python jobs/{stage}.py --config /etc/cmevlm/run.yaml\n" + dump_config(cfg)}}
-
-
-def rayjob(stage: str, cfg: RunConfig, namespace: str = "default", spec: ClusterSpec = ClusterSpec()) -> dict:
-    """The RayJob of one stage."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
-    name = job_name(stage, cfg)
-    cm = name + "-config"
-    gpu = stage in GPU_STAGES
-    head = _container("ray-head", spec, "2", "8Gi")
-    head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}]
-    workers = _container("ray-worker", spec, "16" if gpu else "4", "128Gi" if gpu else "16Gi", spec.gpus_per_worker if gpu else 0)
-    n = spec.gpu_workers if gpu else spec.cpu_workers
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob",
-        "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "cmevlm", "app.kubernetes.io/component": stage, "cmevlm.io/stage": stage}},
-        "spec": {
-            "entrypoint": f"python jobs/{stage}.py --config /etc/cmevlm/run.yaml",
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
-            "activeDeadlineSeconds": spec.active_deadline_seconds,
-            "backoffLimit": spec.backoff_limit,
-            "submissionMode": "K8sJobMode",
-            "rayClusterSpec": {
-                "rayVersion": spec.ray_version,
-                "headGroupSpec": {"rayStartParams": {"num-gpus": "0", "dashboard-host": "0.0.0.0"},
-                                  "template": {"metadata": {"labels": {"cmevlm.io/stage": stage}}, "spec": _pod(head, cm, spec)}},
-                "workerGroupSpecs": [{
-                    "groupName": "h100" if gpu else "cpu", "replicas": n, "minReplicas": n, "maxReplicas": n,
-                    "rayStartParams": {},
-                    "template": {"metadata": {"labels": {"cmevlm.io/stage": stage}},
-                                 "spec": _pod(workers, cm, spec, dict(spec.gpu_node_selector) if gpu else None, gpu)},
-                }],
-            },
-        },
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Submission
+TARGETS = ("pipeline", *NAMES)
+CHART = Path(__file__).resolve().parent.parent / "helm" / "cmevlm"
 
 
 class SubmitError(RuntimeError):
     pass
+
+
+def helm_binary() -> str:
+    """helm from $CMEVLM_HELM, the PATH, or beside this Python (make install puts it in .venv/bin)."""
+    found = os.environ.get("CMEVLM_HELM") or shutil.which("helm") or shutil.which("helm", path=str(Path(sys.executable).parent))
+    if not found:
+        raise SubmitError("cmevlm submit renders the Helm chart and needs the helm binary (PATH, .venv/bin or $CMEVLM_HELM)")
+    return found
+
+
+def release_name(target: str, cfg: RunConfig) -> str:
+    """run-<hash of the run config and the target>: the same run gets the same names."""
+    digest = hashlib.sha256(json.dumps([target, public_dict(cfg)], sort_keys=True).encode()).hexdigest()[:8]
+    return f"run-{digest}"
+
+
+def run_values(target: str, cfg: RunConfig) -> dict:
+    """The values that make the chart render exactly this run: its config, `target` enabled."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
+    return {"runConfig": public_dict(cfg), "pipeline": {"enabled": target == "pipeline"},
+            "stages": {name: {"enabled": name == target} for name in NAMES}, "serve": {"enabled": False}}
+
+
+def render(target: str, cfg: RunConfig, namespace: str = "default", values_files: tuple[str, ...] = ()) -> list[dict]:
+    """The objects the chart renders for this run, in the order to create them."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(run_values(target, cfg), f)
+        f.flush()
+        args = [helm_binary(), "template", release_name(target, cfg), str(CHART), "--namespace", namespace]
+        for v in (*values_files, f.name):
+            args += ["-f", str(v)]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise SubmitError(f"helm template failed: {r.stderr.strip()}")
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    for d in docs:
+        d["metadata"]["namespace"] = namespace
+    return sorted(docs, key=lambda d: d["kind"] == "RayJob")  # the RayJob last, once what it needs exists
+
+
+def rayjob(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "RayJob")
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission
 
 
 def _api(host: str | None = None):
@@ -149,23 +100,39 @@ def _api(host: str | None = None):
     return client.ApiClient()
 
 
-def submit(stage: str, cfg: RunConfig, namespace: str = "default", host: str | None = None,
-           spec: ClusterSpec = ClusterSpec()) -> dict:
-    """Create the ConfigMap (or keep an identical one) and the RayJob; returns the RayJob."""
+def _create(api, doc: dict, namespace: str):
+    """Create one rendered object with the API group's client."""
     from kubernetes import client
+
+    kind = doc["kind"]
+    if kind == "RayJob":
+        return client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, doc)
+    create = {
+        "ConfigMap": client.CoreV1Api(api).create_namespaced_config_map,
+        "ServiceAccount": client.CoreV1Api(api).create_namespaced_service_account,
+        "Role": client.RbacAuthorizationV1Api(api).create_namespaced_role,
+        "RoleBinding": client.RbacAuthorizationV1Api(api).create_namespaced_role_binding,
+        "NetworkPolicy": client.NetworkingV1Api(api).create_namespaced_network_policy,
+    }[kind]
+    return create(namespace, doc)
+
+
+def submit(target: str, cfg: RunConfig, namespace: str = "default", host: str | None = None,
+           values_files: tuple[str, ...] = ()) -> dict:
+    """Create what the chart renders for this run (an identical object of the same name is
+    kept); returns the RayJob."""
     from kubernetes.client.rest import ApiException
 
     api = _api(host)
-    job = rayjob(stage, cfg, namespace, spec)
-    try:
-        client.CoreV1Api(api).create_namespaced_config_map(namespace, config_map(stage, cfg, namespace))
-    except ApiException as e:
-        if e.status != 409:  # the same name means the same config: keep it
-            raise _explain(e, "ConfigMap", namespace) from None
-    try:
-        return client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
-    except ApiException as e:
-        raise _explain(e, f"RayJob {job['metadata']['name']}", namespace) from None
+    docs = render(target, cfg, namespace, values_files)
+    for doc in docs:
+        try:
+            created = _create(api, doc, namespace)
+        except ApiException as e:
+            if e.status == 409 and doc["kind"] != "RayJob":  # the same name means the same run: keep it
+                continue
+            raise _explain(e, f"{doc['kind']} {doc['metadata']['name']}", namespace) from None
+    return created
 
 
 def _explain(e, what: str, namespace: str) -> SubmitError:

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 
 from cmevlm.config import RunConfig
+from cmevlm.stages import NAMES, get
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingest", "teach", "sft", "sample", "prefer", "dpo", "evaluate")
+STAGES = NAMES  # in pipeline order, from the registry (cmevlm.stages)
 
 
 class StageFailed(RuntimeError):
@@ -35,34 +36,12 @@ class StageResult:
 
 def runner(stage: str):
     """The `run(cfg, force=False)` of a stage."""
-    if stage == "ingest":
-        from cmevlm.ingest import run
-    elif stage == "teach":
-        from cmevlm.teach import run
-    elif stage == "sft":
-        from cmevlm.train.sft import run
-    elif stage == "sample":
-        from cmevlm.sample import run
-    elif stage == "prefer":
-        from cmevlm.prefer import run
-    elif stage == "dpo":
-        from cmevlm.train.dpo import run
-    else:
-        from cmevlm.evaluate.evaluation import run
-    return run
+    return get(stage).run
 
 
 def summary(stage: str, m: dict) -> str:
     """One line on what a stage produced, from its manifest or metrics."""
-    return {
-        "ingest": lambda: f"{m['accepted']} accepted, {m['quarantined']} quarantined",
-        "teach": lambda: f"{m['train']} train / {m['test']} test answers, {m['quarantined']} quarantined, ${m['cost_usd']:.4f}",
-        "sft": lambda: f"{m['global_step']} steps",
-        "sample": lambda: f"{m['items']} items x 5 answers",
-        "prefer": lambda: f"{m['pairs']} pairs, {m['quarantined']} quarantined",
-        "dpo": lambda: f"{m['global_step']} steps",
-        "evaluate": lambda: ", ".join(f"{k}: judge {v['judge']['mean']:.2f}, structure {v['structure_accuracy']:.2f}" for k, v in m["models"].items()),
-    }[stage]()
+    return get(stage).summary(m)
 
 
 def run(cfg: RunConfig, start: str = STAGES[0], stop: str = STAGES[-1], echo=print) -> list[StageResult]:

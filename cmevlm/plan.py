@@ -268,8 +268,9 @@ def fixes(cfg: RunConfig, s: Shape, stage: str) -> list[str]:
     return good
 
 
-def make_plan(cfg: RunConfig, stages: tuple[str, ...] = (*TRAIN_STAGES, *INFER_STAGES)) -> dict:
-    """The whole plan: the model's parameters, each GPU stage, the export task."""
+def make_plan(cfg: RunConfig, stages: tuple[str, ...] = (*TRAIN_STAGES, *INFER_STAGES), values: dict | None = None) -> dict:
+    """The whole plan: the model's parameters, each GPU stage, the export task, and with the
+    chart's `values` its pods."""
     config = read_model_config(cfg)
     s = model_shape(config)
     plans = []
@@ -279,9 +280,82 @@ def make_plan(cfg: RunConfig, stages: tuple[str, ...] = (*TRAIN_STAGES, *INFER_S
             p.fixes = fixes(cfg, s, stage)
         plans.append(p)
     export = export_plan(cfg)
+    pods = pod_checks(cfg, s, values) if values else []
     return {"model": {"config": config_path(cfg), "parameters": s.params, "total": s.total},
-            "stages": [p.as_dict() for p in plans], "export": export,
-            "fits": all(p.fits for p in plans) and export["fits"]}
+            "stages": [p.as_dict() for p in plans], "export": export, "pods": pods,
+            "fits": all(p.fits for p in plans) and export["fits"] and all(c["fits"] for c in pods)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The chart's pods (cmevlm plan --values)
+
+# The head of a RayJob's cluster holds Ray's own processes (GCS, raylet, dashboard, autoscaler
+# monitor: ~2 GiB) and the pipeline's driver (torch, transformers and Ray Data imported: ~1.5 GiB).
+HEAD_GIB = 4.0
+CHART_VALUES = REPO / "helm" / "cmevlm" / "values.yaml"
+
+
+def quantity_gib(q) -> float:
+    """A Kubernetes memory quantity (128Gi, 512Mi, 16G, 1e9) in GiB."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    text = str(q)
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor / GiB
+    return float(text) / GiB
+
+
+def merged_values(*paths: str) -> dict:
+    """The chart's defaults with a site's values files on top, in order (as helm merges them)."""
+    import yaml
+
+    def merge(base: dict, top: dict) -> dict:
+        out = dict(base)
+        for k, v in top.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    values = yaml.safe_load(CHART_VALUES.read_text())
+    for path in paths:
+        values = merge(values, yaml.safe_load(Path(path).read_text()) or {})
+    return values
+
+
+def _check(what: str, need: float, have: float, unit: str, fix: str) -> dict:
+    return {"check": what, "need": round(need, 2), "have": round(have, 2), "unit": unit, "fits": need <= have, "fix": fix}
+
+
+def pod_checks(cfg: RunConfig, s: Shape, values: dict) -> list[dict]:
+    """The chart's pod sizes against the run: head memory, the export task on a CPU worker, GPUs
+    and host memory of the H100 group for training, GPUs for sample/evaluate and serving."""
+    w = values["workers"]
+    h100 = w["h100"] if w["h100"].get("enabled", True) else None
+    gpus_per_pod = h100["gpus"] if h100 else 0
+    gpus = gpus_per_pod * (h100["maxReplicas"] if h100 else 0)
+    mem = lambda res: quantity_gib(res["limits"]["memory"])  # noqa: E731
+    checks = [_check("head memory", HEAD_GIB, mem(values["head"]["resources"]), "GiB", "head.resources.limits.memory"),
+              _check("export task on a cpu worker", cfg.model.export_memory_gb, mem(w["cpu"]["resources"]), "GiB",
+                     "workers.cpu.resources.limits.memory")]
+    for stage in TRAIN_STAGES:
+        t = getattr(cfg, stage)
+        if not t.use_gpu:
+            continue
+        checks.append(_check(f"{stage} GPUs", t.num_workers, gpus, "GPUs", "workers.h100.maxReplicas x gpus"))
+        per_pod = min(gpus_per_pod, t.num_workers) or 1
+        host = sum(train_plan(cfg, s, stage).host.values())
+        loading = (2 if t.bf16 else 4) * (s.largest if t.zero_stage == 3 else s.total) / GiB  # the weights as a worker loads them
+        checks.append(_check(f"{stage} host memory per h100 pod", per_pod * (host + loading + 2), mem(h100["resources"]) if h100 else 0,
+                             "GiB", "workers.h100.resources.limits.memory, or fewer GPUs per pod"))
+    for stage in ("sample", "evaluate"):
+        sc = getattr(cfg, stage)
+        if sc.num_gpus_per_actor > 0:
+            checks.append(_check(f"{stage} GPUs", sc.concurrency * sc.num_gpus_per_actor, gpus, "GPUs", f"{stage}.concurrency"))
+    serve = values["serve"]
+    if serve.get("enabled") and cfg.serve.num_gpus_per_replica > 0:
+        per = float(serve["rtx4090"]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        checks.append(_check("serve GPUs", serve["maxReplicas"] * cfg.serve.num_gpus_per_replica, per * serve["rtx4090"]["maxReplicas"],
+                             "GPUs", "serve.rtx4090.maxReplicas (a NewCluster upgrade needs twice as many for a while)"))
+    return checks
 
 
 def render(plan: dict) -> str:
@@ -299,6 +373,9 @@ def render(plan: dict) -> str:
     e = plan["export"]
     lines.append(f"{'export':<9}{'host (task)':<14}{e['need_gib']:>10.2f}{e['request_gib']:>8.1f}  {'yes' if e['fits'] else 'NO ':<4}  "
                  "streams tensors in 64 MiB chunks (model.export_memory_gb)")
+    for c in plan.get("pods", []):
+        lines.append(f"{'pods':<9}{c['check']:<40} need {c['need']:g} {c['unit']}, has {c['have']:g}: "
+                     f"{'yes' if c['fits'] else 'NO (' + c['fix'] + ')'}")
     for st in plan["stages"]:
         if not st["fits"]:
             short = st["need_gib"] - st["capacity_gib"]

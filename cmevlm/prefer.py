@@ -1,7 +1,7 @@
 """Prefer: five sampled answers + ground truth -> the DPO dataset `preferences/` (paper, Step 2).
 
     cmevlm prefer --config configs/demo.yaml [--set judge.backend=gemini ...]
-    python jobs/prefer.py --config /etc/cmevlm/run.yaml
+    python jobs/run.py prefer --config /etc/cmevlm/run.yaml
 
 The judge receives the structure, the side, the instruction, the ground-truth answer and the
 five answers, as text only (no image, no mask), through the same TeacherClient as the teacher

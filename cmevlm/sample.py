@@ -1,7 +1,7 @@
 """Sample: the frozen SFT model answers every pool item five times (paper, Step 2).
 
     cmevlm sample --config configs/demo.yaml [--set sample.limit=200 --set sample.num_gpus_per_actor=1]
-    python jobs/sample.py --config /etc/cmevlm/run.yaml
+    python jobs/run.py sample --config /etc/cmevlm/run.yaml
 
 A Ray Data actor pool holds one model replica per actor (one per GPU on a cluster). Each actor
 takes a batch of items and makes one left-padded `generate` call per sampling setting, so the

@@ -2,7 +2,7 @@
 sees a frame (paper, Section 2.2).
 
     cmevlm teach --config configs/demo.yaml [--set teacher.backend=gemini ...]
-    python jobs/teach.py --config /etc/cmevlm/run.yaml
+    python jobs/run.py teach --config /etc/cmevlm/run.yaml
 
 Each item gets an instruction template (seeded, spread evenly). The teacher gets the template,
 a text context (structure, side, phase, mask geometry) and, with `teacher.send_mask`, the binary

@@ -1,6 +1,7 @@
 """A loopback HTTP server that answers the few Kubernetes API calls `cmevlm submit` makes:
-create ConfigMaps and RayJobs (201, or 409 when the name exists), get a RayJob (its status
-moves RUNNING -> SUCCEEDED), and can pretend the CRD is missing (404) or access is denied (403)."""
+create ConfigMaps, ServiceAccounts, Roles, RoleBindings, NetworkPolicies and RayJobs (201, or
+409 when the name exists), get a RayJob (its status moves RUNNING -> SUCCEEDED), and can
+pretend the CRD is missing (404) or access is denied (403)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-CM = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/configmaps$")
+CM = re.compile(r"^/(api/v1|apis/rbac\.authorization\.k8s\.io/v1|apis/networking\.k8s\.io/v1)/namespaces/(?P<ns>[^/]+)/"
+                r"(configmaps|serviceaccounts|roles|rolebindings|networkpolicies)$")
 RJ = re.compile(r"^/apis/ray\.io/v1/namespaces/(?P<ns>[^/]+)/rayjobs(?:/(?P<name>[^/?]+))?$")
 
 

@@ -79,6 +79,11 @@ def test_ingest_command_quarantines_and_strict_fails(tmp_path, bad_source):
     assert r.returncode == 0 and "skipped" in r.stdout
 
 
-def test_ingest_job_entry_point_is_the_same_command(tmp_path):
-    r = subprocess.run([sys.executable, "jobs/ingest.py", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and "usage: cmevlm ingest" in r.stdout
+def test_the_job_entry_point_runs_the_same_command_for_every_stage_and_the_pipeline(tmp_path):
+    from cmevlm.stages import NAMES
+
+    for name in ("pipeline", *NAMES):
+        r = subprocess.run([sys.executable, "jobs/run.py", name, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and f"usage: cmevlm {name}" in r.stdout
+    r = subprocess.run([sys.executable, "jobs/run.py", "serve"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "usage: python jobs/run.py pipeline|ingest|teach|sft" in r.stderr

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cmevlm.config import ConfigError, RunConfig, dump_config, load_config, parse_override
 
@@ -105,3 +106,16 @@ def test_dump_masks_secrets_and_round_trips(tmp_path):
     f = tmp_path / "again.yaml"
     f.write_text(dump_config(load_config(overrides=["seed=5"])))
     assert load_config(f).seed == 5
+
+
+def test_config_command_masks_every_secret_field_and_public_dict_drops_them(capsys):
+    from cmevlm.cli import main
+    from cmevlm.config import SECRET_FIELDS, public_dict
+
+    sets = ["storage.access_key_id=AKIA-1", "storage.secret_access_key=hunter2", "serve.api_keys=[key-a, key-b]"]
+    assert main(["config", *[x for s in sets for x in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert not any(word in out for word in ("AKIA-1", "hunter2", "key-a", "key-b"))
+    assert out.count("'***'") == 4
+    public = yaml.safe_dump(public_dict(load_config(overrides=sets)))
+    assert not any(f"{field}:" in public for field in SECRET_FIELDS) and "hunter2" not in public

@@ -1,6 +1,7 @@
 """The Helm chart: lint, every ci/ scenario rendered and validated (KubeRay CRDs for ray.io
-kinds, kubernetes-validate for built-in kinds), the security and egress rules, k8s/ in sync,
-and the chart's RayJobs agreeing with `cmevlm submit`'s."""
+kinds, kubernetes-validate for built-in kinds), the default install (one pipeline RayJob from
+zero), the stage registry, Kueue, NetworkPolicies proven with an evaluator, secrets refused,
+k8s/ in sync, and `cmevlm submit` printing exactly what the chart renders."""
 
 import os
 import shutil
@@ -12,9 +13,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cmevlm import k8s
+from cmevlm import k8s, stages
 from cmevlm.config import load_config
 from kuberay_crds import validate_crd
+from netpol import Pod, allowed
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "cmevlm"
@@ -75,51 +77,143 @@ def test_scenario_renders_valid_secure_objects(scenario, tmp_path):
         assert secret_word not in text
 
 
-def test_gpu_stages_use_the_h100_pool_and_teacher_egress_is_limited(tmp_path):
+def test_the_default_install_is_one_pipeline_rayjob_on_a_cluster_that_scales_from_zero(tmp_path):
     docs = render(None, tmp_path)
-    jobs = {d["metadata"]["labels"]["cmevlm.io/stage"]: d for d in docs if d["kind"] == "RayJob"}
-    assert set(jobs) == set(k8s.STAGES)
-    for stage, job in jobs.items():
-        worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-        gpu = worker["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
-        assert (gpu == "8") == (stage in k8s.GPU_STAGES)
-        assert (worker["template"]["spec"].get("nodeSelector") == {"cmevlm.io/pool": "h100"}) == (stage in k8s.GPU_STAGES)
-        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
-        assert "nvidia.com/gpu" not in head["spec"]["containers"][0]["resources"]["limits"]
-        calls = head["metadata"]["labels"].get("cmevlm.io/calls-teacher") == "true"
-        assert calls == (stage in ("teach", "prefer", "evaluate"))
-        assert job["spec"]["entrypoint"] == f"python jobs/{stage}.py --config /etc/cmevlm/run.yaml"
+    jobs = [d for d in docs if d["kind"] == "RayJob"]
+    assert len(jobs) == 1 and [d["kind"] for d in docs].count("RayService") == 1
+    job = jobs[0]
+    assert job["spec"]["entrypoint"] == "python jobs/run.py pipeline --config /etc/cmevlm/run.yaml"
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "h100"}
+    h100 = groups["h100"]
+    assert h100["minReplicas"] == h100["replicas"] == 0 and h100["maxReplicas"] >= 1
+    assert h100["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert h100["template"]["spec"]["nodeSelector"] == {"cmevlm.io/pool": "h100"}
+    assert "nvidia.com/gpu" not in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "suspend" not in job["spec"] and "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+
+
+def test_no_pod_but_the_heads_mounts_a_service_account_token(tmp_path):
+    for scenario in SCENARIOS:
+        for d in render(scenario, tmp_path):
+            if not d["apiVersion"].startswith("ray.io/"):
+                continue
+            for tpl in pod_specs(d):
+                head = tpl["metadata"]["labels"]["cmevlm.io/role"] == "head"
+                assert tpl["spec"]["automountServiceAccountToken"] is head, (d["metadata"]["name"], tpl["metadata"]["labels"])
+                assert (tpl["spec"].get("serviceAccountName") == "rel-cmevlm-autoscaler") is head
+            if d["kind"] == "RayJob":
+                assert d["spec"]["submitterPodTemplate"]["spec"]["automountServiceAccountToken"] is False
+    rbac = {d["kind"]: d for d in render(None, tmp_path) if d["kind"] in ("ServiceAccount", "Role", "RoleBinding")}
+    assert {r["resources"][0] for r in rbac["Role"]["rules"]} == {"pods", "rayclusters"}
+    assert all("create" not in r["verbs"] and "delete" not in r["verbs"] for r in rbac["Role"]["rules"])
+
+
+def test_chart_stages_are_the_registry(tmp_path):
+    """The chart's stage list (names, gpu, callsTeacher) and its schema are cmevlm.stages."""
+    import json
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert list(values["stages"]) == list(stages.NAMES)
+    assert {n: (v["gpu"], v["callsTeacher"]) for n, v in values["stages"].items()} == \
+        {s.name: (s.gpu, s.calls_teacher) for s in stages.STAGES}
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["stages"]
+    assert set(schema["properties"]) == set(schema["required"]) == set(stages.NAMES)
+    every = tmp_path / "every.yaml"
+    every.write_text(yaml.safe_dump({"stages": {n: {"enabled": True} for n in stages.NAMES}}))
+    jobs = [d for d in render(every, tmp_path) if d["kind"] == "RayJob"]
+    assert sorted(j["metadata"]["labels"]["cmevlm.io/stage"] for j in jobs) == sorted(["pipeline", *stages.NAMES])
+    for j in jobs:
+        stage = j["metadata"]["labels"]["cmevlm.io/stage"]
+        calls = j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"].get("cmevlm.io/calls-teacher") == "true"
+        assert calls == (stage == "pipeline" or stage in stages.TEACHER_STAGES)
+
+
+def test_kueue_queue_label_suspends_every_rayjob_for_gang_admission(tmp_path):
+    jobs = [d for d in render(CHART / "ci" / "05-kueue-values.yaml", tmp_path) if d["kind"] == "RayJob"]
+    assert len(jobs) == 3  # the pipeline, sft and dpo
+    for j in jobs:
+        assert j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-queue" and j["spec"]["suspend"] is True
+
+
+def test_no_network_path_reaches_a_heads_ray_ports_from_outside_its_cluster(tmp_path):
+    """Every scenario: an unrelated pod, in this namespace or another, reaches no head's 8265,
+    6379 or 10001; pods of the same Ray cluster and the operator's namespace (8265) do."""
+    for scenario in SCENARIOS:
+        docs = render(scenario, tmp_path)
+        values = yaml.safe_load(scenario.read_text()) or {}
+        operator_ns = (values.get("network") or {}).get("operatorNamespace", "kuberay-system")
+        policies = [{**d, "metadata": {**d["metadata"], "namespace": "ml"}} for d in docs if d["kind"] == "NetworkPolicy"]
+        heads = [Pod("ml", tpl["metadata"]["labels"]) for d in docs if d["apiVersion"].startswith("ray.io/")
+                 for tpl in pod_specs(d) if tpl["metadata"]["labels"]["cmevlm.io/role"] == "head"]
+        assert heads, scenario
+        strangers = [Pod("ml", {"app": "other"}), Pod("other-ns", {}), Pod("ml", {"app.kubernetes.io/name": "cmevlm"}),
+                     Pod("clinical-apps", {}), Pod("monitoring", {})]
+        for head in heads:
+            for port in (8265, 6379, 10001):
+                assert not any(allowed(policies, s, head, port) for s in strangers), (scenario.name, head.labels, port)
+                peer = Pod("ml", {**head.labels, "cmevlm.io/role": "worker"})
+                assert allowed(policies, peer, head, port)
+            assert allowed(policies, Pod(operator_ns, {}), head, 8265)
+            assert not allowed(policies, Pod(operator_ns, {}), head, 6379)
+            other_cluster = Pod("ml", {**head.labels, "cmevlm.io/ray-cluster": "rel-cmevlm-someone-else"})
+            assert not allowed(policies, other_cluster, head, 6379)
+        serving = [h for h in heads if h.labels["cmevlm.io/stage"] == "serve"]
+        for h in serving:
+            assert allowed(policies, Pod("clinical-apps", {"app": "surgical-viewer"}), h, 8000)
+            assert not allowed(policies, Pod("clinical-apps", {"app": "surgical-viewer"}), h, 8265)
+
+
+def test_teacher_egress_is_limited_to_the_pods_that_call_it(tmp_path):
+    docs = render(None, tmp_path)
     pols = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
     egress = pols["rel-cmevlm-egress"]["spec"]
-    assert egress["policyTypes"] == ["Egress"]
-    allowed = [t for rule in egress["egress"] for t in rule["to"]]
-    assert {"ipBlock": {"cidr": "10.96.0.10/32"}} in allowed and {"ipBlock": {"cidr": "10.96.0.0/12"}} in allowed
-    assert not any(t.get("ipBlock", {}).get("cidr") == "142.250.0.0/15" for t in allowed)  # the teacher is not open to all
+    allowed_to = [t for rule in egress["egress"] for t in rule["to"]]
+    assert {"ipBlock": {"cidr": "10.96.0.10/32"}} in allowed_to and {"ipBlock": {"cidr": "10.96.0.0/12"}} in allowed_to
+    assert not any(t.get("ipBlock", {}).get("cidr") == "142.250.0.0/15" for t in allowed_to)  # the teacher is not open to all
     teacher = pols["rel-cmevlm-teacher"]["spec"]
     assert teacher["podSelector"]["matchLabels"]["cmevlm.io/calls-teacher"] == "true"
     assert teacher["egress"][0]["to"] == [{"ipBlock": {"cidr": "142.250.0.0/15"}}]
-    ingress = pols["rel-cmevlm-serve-ingress"]["spec"]["ingress"][0]["from"]
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "clinical-apps"}}} in ingress
+    api = pols["rel-cmevlm-api-server"]["spec"]
+    assert api["podSelector"]["matchLabels"]["cmevlm.io/role"] == "head" and api["egress"][0]["to"] == [{"ipBlock": {"cidr": "10.96.0.1/32"}}]
     service = next(d for d in docs if d["kind"] == "RayService")
     assert "import_path: cmevlm.serve.app:build_app" in service["spec"]["serveConfigV2"]
+    assert service["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"] == "rtx4090"
 
 
-def test_chart_rayjob_agrees_with_cmevlm_submit(tmp_path):
-    """The chart and `cmevlm submit` build the same RayJob for a stage, but for the names the
-    release and the config hash give them."""
-    chart = next(d for d in render(None, tmp_path) if d["kind"] == "RayJob" and d["metadata"]["labels"]["cmevlm.io/stage"] == "sft")
-    ours = k8s.rayjob("sft", load_config(), "ml")
+def test_cmevlm_submit_dry_run_is_what_the_chart_renders(tmp_path):
+    """One source: `cmevlm submit pipeline --dry-run` prints the chart's own objects for the run."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    out = subprocess.run([sys.executable, "-m", "cmevlm.cli", "submit", "pipeline", "--config", "configs/demo.yaml", "--dry-run", "-n", "ml"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "CMEVLM_HELM": HELM})
+    assert out.returncode == 0, out.stderr
+    printed = [d for d in yaml.safe_load_all(out.stdout) if d]
+    values = tmp_path / "run.yaml"
+    values.write_text(yaml.safe_dump(k8s.run_values("pipeline", cfg)))
+    chart = [d for d in yaml.safe_load_all(helm("template", k8s.release_name("pipeline", cfg), str(CHART), "--namespace", "ml",
+                                                   "-f", str(values), tmp=tmp_path)) if d]
+    for d in chart:
+        d["metadata"]["namespace"] = "ml"
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(printed, key=key) == sorted(chart, key=key)
+    job = k8s.rayjob(printed)
+    assert job["spec"]["entrypoint"] == "python jobs/run.py pipeline --config /etc/cmevlm/run.yaml"
+    validate_crd(job)
+    cm = next(d for d in printed if d["kind"] == "ConfigMap")
+    assert load_config().model_validate(yaml.safe_load(cm["data"]["run.yaml"])).workdir == cfg.workdir
 
-    def normal(job):
-        spec = yaml.safe_load(yaml.safe_dump(job["spec"]))
-        for tpl in pod_specs({"spec": spec}):
-            tpl.pop("metadata", None)
-            for v in tpl["spec"]["volumes"]:
-                v.get("configMap", {}).pop("name", None)
-        return spec
 
-    assert normal(chart) == normal(ours)
+@pytest.mark.parametrize("key", ["runConfig.storage.secret_access_key", "runConfig.storage.access_key_id",
+                                 "runConfig.serve.api_keys[0]", "runConfig.teacher.api_key"])
+def test_values_holding_a_secret_fail_to_render(key, tmp_path):
+    r = subprocess.run([HELM, "template", "x", str(CHART), "--set", f"{key}=X"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "HELM_CACHE_HOME": str(tmp_path / "c"), "HELM_CONFIG_HOME": str(tmp_path / "f")})
+    field = key.split(".")[-1].split("[")[0]
+    assert r.returncode != 0 and f"invalid propertyName '{field}'" in r.stderr
 
 
 def test_k8s_manifests_are_up_to_date(tmp_path):

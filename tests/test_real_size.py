@@ -292,3 +292,27 @@ def test_the_gpu_scripts_inputs_are_laid_out_as_the_processor_lays_them_out(tiny
     assert (made["input_ids"][0] == config.image_token_id).sum() == (real["input_ids"][0] == image_pad).sum() == 256
     assert made["pixel_values"].shape == (2 * real["pixel_values"].shape[0], real["pixel_values"].shape[1])
     assert made["image_grid_thw"][0].tolist() == real["image_grid_thw"][0].tolist()
+
+
+def test_plan_with_the_charts_values_checks_its_pods(tmp_path, capsys):
+    """cmevlm plan --values: the site's values (merged over the chart's defaults) size the head,
+    the export task's CPU worker, the H100 group's GPUs and host memory, and the serving pool."""
+    import yaml
+
+    site = {"runConfig": {"workdir": "s3://x/run", "model": {"base": "s3://m/7b", "config_json": str(SEVEN_B)},
+                          "sft": {"num_workers": 8, "use_gpu": True, "zero_stage": 3, "bf16": True, "gradient_checkpointing": True},
+                          "serve": {"num_gpus_per_replica": 1}}}
+    values = tmp_path / "site.yaml"
+    values.write_text(yaml.safe_dump(site))
+    assert main(["plan", "--values", str(values)]) == 0
+    out = capsys.readouterr().out
+    assert "sft GPUs" in out and "need 8 GPUs, has 8: yes" in out and "serve GPUs" in out
+    assert main(["plan", "--values", str(values), "--set", "sft.num_workers=16"]) == 3
+    assert "need 16 GPUs, has 8: NO (workers.h100.maxReplicas x gpus)" in capsys.readouterr().out
+    site["head"] = {"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "2Gi"}}}
+    site["runConfig"]["sft"]["zero_stage"] = 2  # every worker loads the whole bf16 model on the host
+    values.write_text(yaml.safe_dump(site))
+    assert main(["plan", "--values", str(values)]) == 3
+    out = capsys.readouterr().out
+    assert "head memory" in out and "need 4 GiB, has 2: NO" in out
+    assert "sft host memory per h100 pod" in out and "has 128: NO" in out

@@ -2,7 +2,7 @@
 not automate: laterality errors, per-structure and per-site results, significance tests.
 
     cmevlm evaluate --config configs/demo.yaml [--export-expert-sheet] [--import-expert-sheet FILE]
-    python jobs/evaluate.py --config /etc/cmevlm/run.yaml
+    python jobs/run.py evaluate --config /etc/cmevlm/run.yaml
 
 Every model in `evaluate.models` answers every test item greedily (a Ray Data actor pool per
 model, one replica per actor, parts written per batch so a rerun answers only what is

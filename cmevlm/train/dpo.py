@@ -1,7 +1,7 @@
 """DPO of the SFT model (paper, Step 3): every component trained, reference = frozen SFT model.
 
     cmevlm dpo --config configs/demo.yaml [--set dpo.beta=0.1 --set dpo.zero_stage=3]
-    python jobs/dpo.py --config /etc/cmevlm/run.yaml
+    python jobs/run.py dpo --config /etc/cmevlm/run.yaml
 
 The same Ray Train + DeepSpeed wiring as SFT, running TRL's DPOTrainer on the preference rows
 (`images`, `prompt`, `chosen`, `rejected`). The policy is loaded from the SFT model's directory

@@ -1,7 +1,7 @@
 """SFT of Qwen2.5-VL (paper, Step 1): vision encoder frozen; merger and language model trained.
 
     cmevlm sft --config configs/demo.yaml [--set sft.num_workers=2 --set sft.zero_stage=3]
-    python jobs/sft.py --config /etc/cmevlm/run.yaml
+    python jobs/run.py sft --config /etc/cmevlm/run.yaml
 
 A Ray Train TorchTrainer runs `train_loop` on `sft.num_workers` workers; each runs TRL's
 SFTTrainer under DeepSpeed ZeRO (`sft.zero_stage`) with assistant-only loss. Every worker reads

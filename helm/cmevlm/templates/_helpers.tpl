@@ -58,18 +58,167 @@ come from the existing Secret by reference only; the run config from the ConfigM
       mountPath: /home/ray/.cache
 {{- end -}}
 
-{{/* cmevlm.podExtras: pod security, the run-config and /tmp volumes. Args: the root context. */}}
+{{/* cmevlm.podExtras: pod security, the run-config and /tmp volumes, and whether the pod gets a
+service-account token: only heads do (their autoscaler calls the API). Args: (dict "ctx" $
+"head" BOOL). */}}
 {{- define "cmevlm.podExtras" -}}
+{{- $ := .ctx -}}
+{{- if .head -}}
+serviceAccountName: {{ include "cmevlm.fullname" $ }}-autoscaler
+automountServiceAccountToken: true
+{{- else -}}
+automountServiceAccountToken: false
+{{- end }}
 securityContext:
   runAsNonRoot: true
-  runAsUser: {{ .Values.runAsUser }}
-  fsGroup: {{ .Values.runAsUser }}
+  runAsUser: {{ $.Values.runAsUser }}
+  fsGroup: {{ $.Values.runAsUser }}
 volumes:
   - name: run-config
     configMap:
-      name: {{ include "cmevlm.fullname" . }}-config
+      name: {{ include "cmevlm.fullname" $ }}-config
   - name: tmp
     emptyDir: {}
   - name: cache
     emptyDir: {}
+{{- end -}}
+
+{{/* cmevlm.podLabels: labels of every pod of one Ray cluster. cmevlm.io/ray-cluster names the
+cluster (the NetworkPolicies let its pods, and only them, reach each other); cmevlm.io/role
+is head, worker or submitter. Args: (dict "ctx" $ "cluster" NAME "stage" STAGE "role" ROLE
+"teacher" BOOL). */}}
+{{- define "cmevlm.podLabels" -}}
+{{ include "cmevlm.labels" .ctx }}
+cmevlm.io/stage: {{ .stage }}
+cmevlm.io/ray-cluster: {{ .cluster }}
+cmevlm.io/role: {{ .role }}
+{{- if .teacher }}
+cmevlm.io/calls-teacher: "true"
+{{- end }}
+{{- end -}}
+
+{{/* cmevlm.rayCluster: the Ray cluster of a RayJob: a head without GPUs running the in-tree
+autoscaler, a CPU worker group and an H100 worker group, both from minReplicas (0 by default)
+up to maxReplicas as Ray asks. Args: (dict "ctx" $ "cluster" NAME "stage" STAGE "teacher" BOOL). */}}
+{{- define "cmevlm.rayCluster" -}}
+{{- $ := .ctx -}}
+{{- $cluster := .cluster -}}
+{{- $stage := .stage -}}
+{{- $teacher := .teacher -}}
+rayVersion: {{ $.Values.rayVersion | quote }}
+enableInTreeAutoscaling: true
+autoscalerOptions:
+  idleTimeoutSeconds: {{ $.Values.autoscaler.idleTimeoutSeconds }}
+  resources:
+    {{- toYaml $.Values.autoscaler.resources | nindent 4 }}
+  securityContext:
+    {{- include "cmevlm.containerSecurity" $ | nindent 4 }}
+headGroupSpec:
+  rayStartParams:
+    num-gpus: "0"
+    dashboard-host: 0.0.0.0
+  template:
+    metadata:
+      labels:
+        {{- include "cmevlm.podLabels" (dict "ctx" $ "cluster" .cluster "stage" .stage "role" "head" "teacher" .teacher) | nindent 8 }}
+    spec:
+      {{- include "cmevlm.podExtras" (dict "ctx" $ "head" true) | nindent 6 }}
+      containers:
+        {{- include "cmevlm.container" (dict "ctx" $ "name" "ray-head" "resources" $.Values.head.resources "ports" (list (dict "containerPort" 6379 "name" "gcs") (dict "containerPort" 8265 "name" "dashboard") (dict "containerPort" 10001 "name" "client"))) | nindent 8 }}
+workerGroupSpecs:
+  {{- range $group := list "cpu" "h100" }}
+  {{- $w := index $.Values.workers $group }}
+  {{- if ne $w.enabled false }}
+  - groupName: {{ $group }}
+    replicas: {{ $w.minReplicas }}
+    minReplicas: {{ $w.minReplicas }}
+    maxReplicas: {{ $w.maxReplicas }}
+    rayStartParams: {}
+    template:
+      metadata:
+        labels:
+          {{- include "cmevlm.podLabels" (dict "ctx" $ "cluster" $cluster "stage" $stage "role" "worker" "teacher" $teacher) | nindent 10 }}
+      spec:
+        {{- include "cmevlm.podExtras" (dict "ctx" $ "head" false) | nindent 8 }}
+        {{- $res := deepCopy $w.resources }}
+        {{- if eq $group "h100" }}
+        {{- $_ := set $res.requests "nvidia.com/gpu" (toString $w.gpus) }}
+        {{- $_ := set $res.limits "nvidia.com/gpu" (toString $w.gpus) }}
+        {{- with $w.nodeSelector }}
+        nodeSelector:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        {{- with $w.tolerations }}
+        tolerations:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        {{- with $w.affinity }}
+        affinity:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        {{- end }}
+        containers:
+          {{- include "cmevlm.container" (dict "ctx" $ "name" "ray-worker" "resources" $res) | nindent 10 }}
+  {{- end }}
+  {{- end }}
+{{- end -}}
+
+{{/* cmevlm.rayJob: a RayJob running `python jobs/run.py TARGET` (pipeline or a stage) on its
+own autoscaled Ray cluster, deleted when the job ends. Args: (dict "ctx" $ "target" TARGET
+"teacher" BOOL). */}}
+{{- define "cmevlm.rayJob" -}}
+{{- $ := .ctx -}}
+{{- $name := printf "%s-%s" (include "cmevlm.fullname" $) .target -}}
+apiVersion: ray.io/v1
+kind: RayJob
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- include "cmevlm.labels" $ | nindent 4 }}
+    app.kubernetes.io/component: {{ .target }}
+    cmevlm.io/stage: {{ .target }}
+    {{- with $.Values.kueue.queueName }}
+    kueue.x-k8s.io/queue-name: {{ . }}
+    {{- end }}
+spec:
+  entrypoint: python jobs/run.py {{ .target }} --config /etc/cmevlm/run.yaml
+  {{- if $.Values.kueue.queueName }}
+  suspend: true
+  {{- end }}
+  shutdownAfterJobFinishes: {{ $.Values.rayJob.shutdownAfterJobFinishes }}
+  ttlSecondsAfterFinished: {{ $.Values.rayJob.ttlSecondsAfterFinished }}
+  activeDeadlineSeconds: {{ $.Values.rayJob.activeDeadlineSeconds }}
+  backoffLimit: {{ $.Values.rayJob.backoffLimit }}
+  submissionMode: K8sJobMode
+  submitterPodTemplate:
+    metadata:
+      labels:
+        {{- include "cmevlm.podLabels" (dict "ctx" $ "cluster" $name "stage" .target "role" "submitter" "teacher" false) | nindent 8 }}
+    spec:
+      restartPolicy: Never
+      automountServiceAccountToken: false
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: {{ $.Values.runAsUser }}
+      containers:
+        - name: ray-job-submitter
+          image: "{{ $.Values.image.repository }}:{{ $.Values.image.tag }}"
+          imagePullPolicy: {{ $.Values.image.pullPolicy }}
+          resources:
+            requests: {cpu: 500m, memory: 512Mi}
+            limits: {cpu: 500m, memory: 512Mi}
+          securityContext:
+            {{- include "cmevlm.containerSecurity" $ | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+            - name: cache
+              mountPath: /home/ray/.cache
+      volumes:
+        - name: tmp
+          emptyDir: {}
+        - name: cache
+          emptyDir: {}
+  rayClusterSpec:
+    {{- include "cmevlm.rayCluster" (dict "ctx" $ "cluster" $name "stage" .target "teacher" .teacher) | nindent 4 }}
 {{- end -}}
