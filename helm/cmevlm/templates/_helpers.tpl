@@ -115,6 +115,7 @@ autoscalerOptions:
     {{- include "cmevlm.containerSecurity" $ | nindent 4 }}
 headGroupSpec:
   rayStartParams:
+    num-cpus: "0"  # no work on the head: it holds GCS, the dashboard and the driver
     num-gpus: "0"
     dashboard-host: 0.0.0.0
   template:
