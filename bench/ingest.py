@@ -19,10 +19,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cmevlm.cluster import apply_env_defaults  # noqa: E402  (before torch and Ray)
+
+apply_env_defaults()
 
 import pyarrow as pa  # noqa: E402
 

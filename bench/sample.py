@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from cmevlm.cluster import apply_env_defaults  # noqa: E402  (before torch and Ray)
+
+apply_env_defaults()
 
 from cmevlm.config import RunConfig, SampleConfig  # noqa: E402
 from cmevlm.data.composite import build_composite, encode_png  # noqa: E402
@@ -27,7 +29,7 @@ from cmevlm.model.generate import Setting, decode_image, generate  # noqa: E402
 from cmevlm.model.loading import load  # noqa: E402
 from cmevlm.model.tiny import build_tiny_model  # noqa: E402
 from cmevlm.sample import sample_items  # noqa: E402
-from cmevlm.teacher.prompts import TEMPLATES  # noqa: E402
+from cmevlm.instructions import TEMPLATES  # noqa: E402
 
 
 def items(n: int) -> list[dict]:

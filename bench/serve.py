@@ -25,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
-for k, v in {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}.items():
-    os.environ.setdefault(k, v)
+from cmevlm.cluster import apply_env_defaults  # noqa: E402  (before torch and Ray)
+
+apply_env_defaults()
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402

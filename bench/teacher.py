@@ -19,8 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-for k, v in {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "GEMINI_API_KEY": "bench"}.items():
-    os.environ.setdefault(k, v)
+from cmevlm.cluster import apply_env_defaults  # noqa: E402  (before torch and Ray)
+
+apply_env_defaults()
 
 from cmevlm import ingest, teach  # noqa: E402
 from cmevlm.config import load_config  # noqa: E402

@@ -21,9 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-for k, v in {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-             "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}.items():
-    os.environ.setdefault(k, v)
+from cmevlm.cluster import apply_env_defaults  # noqa: E402  (before torch and Ray)
+
+apply_env_defaults()
 
 from cmevlm import ingest, teach  # noqa: E402
 from cmevlm.config import load_config  # noqa: E402
@@ -44,6 +44,7 @@ def plain(cfg, data) -> float:
     from trl import SFTConfig, SFTTrainer
 
     from cmevlm.model.loading import load
+    from cmevlm.train.callbacks import MetricsCallback
     from cmevlm.train.freeze import apply_freeze
 
     t = cfg.sft
@@ -54,7 +55,7 @@ def plain(cfg, data) -> float:
     apply_freeze(model, "sft")
     trainer = SFTTrainer(model=model, args=SFTConfig(**kw, assistant_only_loss=True),
                          train_dataset=common.load_dataset(Storage(), data), processing_class=proc)
-    metrics = common.MetricsCallback(t.per_device_batch_size * common.grad_accumulation(t))
+    metrics = MetricsCallback(t.per_device_batch_size * common.grad_accumulation(t))
     trainer.add_callback(metrics)
     trainer.train()
     return steady(metrics.rows)

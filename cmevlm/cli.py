@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from cmevlm import stages
-from cmevlm.cluster import ENV_DEFAULTS
+from cmevlm.cluster import apply_env_defaults
+from cmevlm.errors import MissingInput
 from cmevlm.pipeline import STAGES, StageFailed
 
 log = logging.getLogger("cmevlm")
@@ -160,7 +161,7 @@ def cmd_serve(args) -> int:
 
     model = stage_uri(cfg, cfg.serve.model)
     if not Storage(cfg.storage).exists(model.rstrip("/") + "/config.json"):
-        raise FileNotFoundError(f"no model to serve at {model} (set serve.model)")
+        raise MissingInput(f"no model to serve at {model} (set serve.model)")
     print(f"serving {model} on http://{cfg.serve.host}:{args.port or cfg.serve.port} (Ctrl-C stops)", flush=True)
     app.run(cfg, port=args.port)
     return 0
@@ -170,11 +171,7 @@ def cmd_review(args) -> int:
     from cmevlm.review import app
 
     cfg = _load(args)
-    try:
-        token = app.resolve_token(args.host, args.token)
-    except ValueError as e:
-        print(f"cmevlm review: {e}", file=sys.stderr)
-        return 2
+    token = app.resolve_token(args.host, args.token)
     print(f"reviewing {cfg.workdir} on http://{args.host}:{args.port}/{' (token required)' if token else ''} (Ctrl-C stops)", flush=True)
     app.run(cfg, host=args.host, port=args.port, token=token, config_args=f" --config {args.config}" if args.config else "")
     return 0
@@ -209,9 +206,9 @@ def cmd_demo(args) -> int:
 
     cfg = _load(args)
     if args.workdir:
-        from cmevlm.config import _absolute
+        from cmevlm.config import absolute_uri
 
-        cfg = _rebase(cfg, _absolute(args.workdir))
+        cfg = demo.rebase(cfg, absolute_uri(args.workdir))
     t0 = time.time()
     try:
         summary = demo.run(cfg, procedures=args.procedures, frames_per_procedure=args.frames_per_procedure)
@@ -245,17 +242,6 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
-def _rebase(cfg, workdir: str):
-    """Move every path of the demo config that lives under its workdir to `workdir`."""
-    old = cfg.workdir.rstrip("/")
-    move = lambda p: workdir + p[len(old):] if p == old or p.startswith(old + "/") else p  # noqa: E731
-    cfg.workdir = workdir
-    cfg.model.base = move(cfg.model.base)
-    for s in cfg.sources:
-        s.uri = move(s.uri)
-    return cfg
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -274,17 +260,8 @@ def _no_plan_arg(p: argparse.ArgumentParser) -> None:
                    help="skip the memory plan that otherwise refuses a config whose stages do not fit their GPUs (exit 3)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cmevlm",
-        description="Train a local surgical vision-language model for Complete Mesocolic Excision: "
-        "a cloud teacher that sees only text and binary masks, SFT and DPO of Qwen2.5-VL on Ray, "
-        "evaluation, and serving inside the hospital.",
-        epilog="Every stage takes --config FILE and repeatable --set KEY=VALUE. `cmevlm SUBCOMMAND --help` for details.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
-
+def _tool_commands(sub) -> None:
+    """config, plan, synth, tiny-model: tools that run no stage."""
     p = sub.add_parser("config", help="print the resolved run config (YAML) after --set overrides",
                        description="Load a run config, apply --set overrides, validate, and print it.")
     _config_args(p)
@@ -330,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-depth", type=int, default=2, help="vision blocks with --like (default 2)")
     p.set_defaults(func=cmd_tiny_model)
 
+
+
+def _stage_commands(sub) -> None:
+    """One subcommand per stage of the registry, with the extra flags of ingest and evaluate."""
     for stage in STAGES:
         st = stages.get(stage)
         p = _stage(sub, stage, cmd_evaluate if stage == "evaluate" else cmd_stage, st.help, st.description, force=st.force)
@@ -339,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--export-expert-sheet", action="store_true", help="also write eval/expert_sheet.{csv,html} for a surgeon")
             p.add_argument("--import-expert-sheet", metavar="FILE", help="validate a filled expert sheet and merge it into the report")
 
+
+
+def _service_commands(sub) -> None:
+    """serve and review: the long-running apps."""
     p = sub.add_parser("serve", help="serve a model with Ray Serve: OpenAI-compatible chat, /v1/explain, metrics",
                        description="Deploy serve.model (default <workdir>/models/dpo) on Ray Serve with dynamic batching and "
                        "autoscaling: POST /v1/chat/completions (OpenAI format, base64 images only, stream), POST /v1/explain "
@@ -359,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="access token asked at sign-in (default $CMEVLM_REVIEW_TOKEN); required off 127.0.0.1")
     p.set_defaults(func=cmd_review)
 
+
+
+def _run_commands(sub) -> None:
+    """submit, demo, pipeline: the whole method, here or on a cluster."""
     p = sub.add_parser("submit", help="submit the pipeline (or one stage) as a KubeRay RayJob, rendered by the chart",
                        description="Render helm/cmevlm for this run (the run config, the pipeline or one stage enabled) and "
                        "create what it renders through the Kubernetes API (kubeconfig or in-cluster): ConfigMap, the "
@@ -395,25 +384,36 @@ def build_parser() -> argparse.ArgumentParser:
     _no_plan_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmevlm",
+        description="Train a local surgical vision-language model for Complete Mesocolic Excision: "
+        "a cloud teacher that sees only text and binary masks, SFT and DPO of Qwen2.5-VL on Ray, "
+        "evaluation, and serving inside the hospital.",
+        epilog="Every stage takes --config FILE and repeatable --set KEY=VALUE. `cmevlm SUBCOMMAND --help` for details.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    for add in (_tool_commands, _stage_commands, _service_commands, _run_commands):
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    for k, v in ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
+    apply_env_defaults()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
-    from cmevlm.config import ConfigError
+    from cmevlm.errors import CmevlmError
 
     try:
         return args.func(args) or 0
-    except ConfigError as e:
-        print(f"cmevlm {args.command}: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
+    except CmevlmError as e:  # the user's to fix: a message; anything else is a bug and shows as one
         if args.verbose:
             raise
         print(f"cmevlm {args.command}: error: {e}", file=sys.stderr)

@@ -10,10 +10,11 @@ from cmevlm.config import RayConfig
 
 log = logging.getLogger(__name__)
 
-# Settings for this stack that must be in place before torch or Ray start (PITFALLS.md): tiny
-# models run 100x slower with two BLAS threads per process on two busy cores; Ray must not
-# report usage or ask for tokens; nothing may reach a model hub; DeepSpeed's CPU comm op is
-# compiled once by `make install` into the environment. The CLI applies them at start too.
+# Settings for this stack that must be in place before torch or Ray start, measured on 2-core
+# machines: tiny models run 100x slower with two BLAS threads per process on two busy cores;
+# Ray must not report usage or (2.60) ask for auth tokens on a local cluster; nothing may reach
+# a model hub; DeepSpeed's CPU comm op is compiled once by `make install` into the environment.
+# The one place they are applied: apply_env_defaults (the CLI, the tests, the benches, connect).
 ENV_DEFAULTS = {
     "OMP_NUM_THREADS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -24,14 +25,19 @@ ENV_DEFAULTS = {
 }
 
 
+def apply_env_defaults() -> None:
+    """ENV_DEFAULTS into os.environ, where not set already; call before torch or Ray are imported."""
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
 def connect(cfg: RayConfig):
     """Initialise Ray once per process (a no-op when already initialised); returns `ray`."""
     import ray
 
     if ray.is_initialized():
         return ray
-    for k, v in ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
+    apply_env_defaults()
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # a RayJob's submitter sets RAY_ADDRESS
     if address:
         ray.init(address=address, log_to_driver=True)

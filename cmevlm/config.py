@@ -12,16 +12,16 @@ Unknown keys are errors that list the valid keys at that level; they are never i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cmevlm.errors import ConfigError  # re-exported: cmevlm.config.ConfigError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message says which key and why."""
 
 
 class _Section(BaseModel):
@@ -30,6 +30,14 @@ class _Section(BaseModel):
 
 # auto = bfloat16 on a GPU, float32 on CPU (cmevlm.model.loading.resolve_dtype).
 InferenceDtype = Literal["auto", "bfloat16", "float16", "float32"]
+# Which components train (cmevlm.train.freeze): sft = merger + LM, dpo / none = everything, lm_only.
+FreezePolicy = Literal["sft", "dpo", "lm_only", "none"]
+# transformers' lr_scheduler_type values (SchedulerType).
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+                    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"]
+# TRL's DPO loss types (DPOConfig.loss_type).
+DPOLoss = Literal["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +66,7 @@ class Source(_Section):
     """One folder of frames and masks from one site."""
 
     uri: str = Field(description="Local path or s3://bucket/prefix.")
-    layout: Literal["cmevlm", "dsad"] = Field("cmevlm", description="cmevlm = DESIGN.md layout; dsad = Dresden Surgical Anatomy Dataset.")
+    layout: Literal["cmevlm", "dsad"] = Field("cmevlm", description="cmevlm = <root>/procedures.csv, <procedure>/frames/<frame>.png, <procedure>/masks/<frame>/<structure>.png (README, Data layout); dsad = Dresden Surgical Anatomy Dataset.")
     site: str = Field("site_a", description="Site (hospital) the data comes from; used for splits and reports.")
 
 
@@ -96,8 +104,8 @@ class IngestConfig(_Section):
     binarize_multivalue_masks: bool = Field(False, description="Binarise masks with more than two values by >0 instead of quarantining them.")
 
 
-class TeacherConfig(_Section):
-    """The cloud (or on-prem) LLM that writes expert answers and judges; it never sees a frame.
+class LLMConfig(_Section):
+    """What the teacher and the judge share: a cloud (or on-prem) LLM that never sees a frame.
 
     Backends: `gemini` (google-genai; key from GEMINI_API_KEY), `openai` (any OpenAI-compatible
     server inside the hospital, e.g. vLLM; key from OPENAI_API_KEY), `offline` (a deterministic
@@ -107,9 +115,7 @@ class TeacherConfig(_Section):
     model: str = Field("gemini-2.5-flash", description="Model name at the backend.")
     base_url: str | None = Field(None, description="Endpoint override (Gemini: http_options.base_url; OpenAI: base_url).")
     api_version: str | None = Field(None, description="Gemini API version (None = the SDK's default).")
-    send_mask: bool = Field(True, description="Attach the binary mask; false = geometry text only.")
-    mask_size: int = Field(448, ge=16, description="Largest side of a mask sent to the teacher, in pixels.")
-    temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature of the teacher.")
+    temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature.")
     max_output_tokens: int = Field(512, ge=16, description="Upper bound of an answer's tokens.")
     concurrency: int = Field(2, ge=1, description="Actors sending requests in parallel.")
     num_cpus_per_actor: float = Field(0.25, gt=0, description="Fractional CPUs per actor (they mostly wait on the network).")
@@ -125,7 +131,22 @@ class TeacherConfig(_Section):
     batch: bool = Field(False, description="Use the Gemini Batch API (half price, hours of latency); gemini only.")
     batch_max_requests: int = Field(1000, ge=1, description="Requests per batch job.")
     batch_poll_s: float = Field(30.0, gt=0, description="Seconds between polls of a batch job.")
+
+
+class TeacherConfig(LLMConfig):
+    """The teacher that writes the expert answers (teach) from text and the binary mask."""
+
+    send_mask: bool = Field(True, description="Attach the binary mask; false = geometry text only.")
+    mask_size: int = Field(448, ge=16, description="Largest side of a mask sent to the teacher, in pixels.")
     review_fraction: float = Field(0.1, ge=0, le=1, description="Fraction of items flagged needs_review for the expert.")
+
+
+class JudgeConfig(LLMConfig):
+    """The LLM judge of prefer (picks accepted / rejected) and evaluate (scores answers): text only."""
+
+    # The guard's image limit for judge requests: 0 px, so any image part is refused.
+    mask_size: ClassVar[int] = 0
+    score_temperature: float = Field(0.0, ge=0, le=2, description="Temperature of evaluate's scoring requests (0: the same answer gets the same score).")
 
 
 class _Training(_Section):
@@ -142,7 +163,7 @@ class _Training(_Section):
     lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up as a fraction of the steps.")
-    scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
+    scheduler: Scheduler = Field("cosine", description="transformers lr_scheduler_type.")
     per_device_batch_size: int = Field(4, ge=1)
     effective_batch_size: int = Field(16, ge=1, description="Examples per optimiser step over all workers.")
     max_length: int | None = Field(None, description="Token limit of an example; None = no truncation (a cut through image tokens is an error).")
@@ -150,7 +171,7 @@ class _Training(_Section):
     bf16: bool = Field(False, description="bf16 mixed precision (GPU clusters; CPUs here have no fast bf16).")
     offload: bool = Field(False, description="ZeRO CPU offload of optimiser states (and parameters at stage 3).")
     gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer in the backward pass: activations shrink from every layer's to one layer's plus each layer's input, for ~1/3 more compute (needed for 7B at real sequence lengths).")
-    freeze: str | None = Field(None, description="Freeze policy: sft | dpo | lm_only | none; None = the stage's own.")
+    freeze: FreezePolicy | None = Field(None, description="Freeze policy: sft | dpo | lm_only | none; None = the stage's own.")
     checkpoint_every: int = Field(50, ge=1, description="Optimiser steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept under <workdir>/checkpoints/<stage>.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
@@ -170,7 +191,7 @@ class DPOStageConfig(_Training):
 
     lr: float = Field(5e-7, gt=0, description="Peak learning rate (AdamW).")
     beta: float = Field(0.1, gt=0, description="DPO temperature (Rafailov et al. 2023).")
-    loss_type: str = Field("sigmoid", description="TRL DPO loss type.")
+    loss_type: DPOLoss = Field("sigmoid", description="TRL DPO loss type.")
     data: str = Field("preferences", description="Preference dataset under the workdir (or a full URI).")
     model: str = Field("models/sft", description="Policy and reference model under the workdir (or a full URI).")
     output: str = Field("models/dpo", description="Model directory under the workdir.")
@@ -299,7 +320,7 @@ class RunConfig(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    judge: TeacherConfig = Field(default_factory=TeacherConfig, description="The LLM judge (prefer, evaluate); same options as teacher.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The LLM judge (prefer, evaluate): text only.")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     prefer: PreferConfig = Field(default_factory=PreferConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -387,7 +408,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_explain(e, RunConfig)) from None
 
 
-def _absolute(uri: str) -> str:
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (against the current directory); s3:// URIs unchanged."""
     if "://" in uri or Path(uri).expanduser().is_absolute():
         return str(Path(uri).expanduser()) if "://" not in uri else uri
     return str(Path.cwd() / uri)
@@ -396,10 +418,10 @@ def _absolute(uri: str) -> str:
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """Resolve relative local paths against the current directory, once, on the driver: Ray
     workers run in other directories."""
-    cfg.workdir = _absolute(cfg.workdir)
-    cfg.model.base = _absolute(cfg.model.base)
+    cfg.workdir = absolute_uri(cfg.workdir)
+    cfg.model.base = absolute_uri(cfg.model.base)
     for s in cfg.sources:
-        s.uri = _absolute(s.uri)
+        s.uri = absolute_uri(s.uri)
     return cfg
 
 

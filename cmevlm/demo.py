@@ -15,6 +15,20 @@ from cmevlm.config import RunConfig
 log = logging.getLogger(__name__)
 
 
+def rebase(cfg: RunConfig, workdir: str) -> RunConfig:
+    """The demo config moved to `workdir`: every path under its workdir moves with it."""
+    old = cfg.workdir.rstrip("/")
+
+    def move(p: str) -> str:
+        return workdir + p[len(old):] if p == old or p.startswith(old + "/") else p
+
+    cfg.workdir = workdir
+    cfg.model.base = move(cfg.model.base)
+    for s in cfg.sources:
+        s.uri = move(s.uri)
+    return cfg
+
+
 def run(cfg: RunConfig, procedures: int = 24, frames_per_procedure: int = 30) -> dict:
     from cmevlm.data.synth import write_dataset
     from cmevlm.model.tiny import build_tiny_model
@@ -41,10 +55,15 @@ def run(cfg: RunConfig, procedures: int = 24, frames_per_procedure: int = 30) ->
     from cmevlm.storage import Storage, join
 
     summary["stages"] = pipeline.run(cfg)
-    summary["metrics"] = Storage(cfg.storage).read_json(join(cfg.workdir, "eval", "metrics.json"))
+    st = Storage(cfg.storage)
+    summary["metrics"] = st.read_json(join(cfg.workdir, "eval", "metrics.json"))
     summary["table"] = report.summary_text(summary["metrics"])
-    # ---- what waits for the surgeon in `cmevlm review`
+    # ---- what waits for the surgeon in `cmevlm review`: the flagged items and a blinded sheet
+    from cmevlm.evaluate import expert
     from cmevlm.review.queues import load_queues
+
+    if not st.exists(join(cfg.workdir, expert.SHEET)):
+        expert.export_sheet(cfg)
 
     summary["review"] = {name: len(q.items) for name, q in load_queues(cfg).items()}
     return summary

@@ -8,7 +8,7 @@ on the structure, squared to `data.image_size`), the binary mask, its geometry a
 (paper, Section 2.1-2.2). Listing and splitting run on the driver; reading, decoding and
 compositing run in a Ray Data actor pool; Ray Data writes the shards from the workers.
 
-Bad input never stops the run: each bad item goes to `quarantine/quarantine.jsonl` with a
+Bad input never stops the run: each bad item goes to `quarantine/ingest.jsonl` with a
 reason, every good item is kept. `frames/manifest.json` is written last, so a rerun skips a
 complete stage and an interrupted one is rebuilt from scratch (its partial shards are never
 listed in a manifest, so no later stage reads them).
@@ -16,17 +16,18 @@ listed in a manifest, so no later stage reads them).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
 
 import pyarrow as pa
 
+from cmevlm.assembly import write_quarantine
 from cmevlm.config import RunConfig
 from cmevlm.data.composite import BadInput, build_composites, decode_frame, decode_mask, encode_png, mask_geometry
 from cmevlm.data.sources import list_sources, quarantine_entry
 from cmevlm.data.splits import assign_splits
+from cmevlm.errors import ConfigError
 from cmevlm.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -102,20 +103,9 @@ class FrameWorker:
 # The stage
 
 
-def run(cfg: RunConfig, force: bool = False) -> dict:
-    """Ingest every source; returns the manifest of `frames/`."""
-    st = Storage(cfg.storage)
-    out, qfile = join(cfg.workdir, "frames"), join(cfg.workdir, "quarantine", "quarantine.jsonl")
-    if st.is_complete(out) and not force:
-        manifest = st.read_manifest(out)
-        log.info("ingest: %s is complete (%d accepted, %d quarantined), skipped", out, manifest["accepted"], manifest["quarantined"])
-        return {**manifest, "skipped": True}
-    if not cfg.sources:
-        raise ValueError("ingest: no sources configured (set `sources:` in the config)")
-    st.delete(out)  # whatever an interrupted attempt left
-    t0 = time.time()
-
-    # ---- list and split on the driver (cheap: names and metadata only)
+def list_and_split(st: Storage, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+    """Every frame record with its split, and what listing already quarantined (on the driver:
+    names and metadata only)."""
     records, quarantine = list_sources(st, cfg.sources)
     per_proc: dict[tuple[str, str], Counter] = {}
     for r in records:
@@ -125,53 +115,63 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         r["split"] = splits[(r["site"], r["procedure_id"])]
     n_items = sum(len(r["masks"]) for r in records)
     log.info("ingest: %d frames, %d items from %d sources; %d quarantined while listing", len(records), n_items, len(cfg.sources), len(quarantine))
+    return records, quarantine
 
-    # ---- read, composite and write with Ray Data
+
+def transform(st: Storage, cfg: RunConfig, records: list[dict], out: str, quarantine: list[dict]) -> Counter:
+    """Read, composite and write the shards with Ray Data; returns the accepted counts per
+    (split, structure) and appends the rejected items to `quarantine`."""
+    ray = _ray(cfg)
+    blocks = max(1, min(len(records) // cfg.ingest.batch_size, 200))
+    result = ray.data.from_items(records, override_num_blocks=blocks).map_batches(
+        FrameWorker,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
+        batch_size=cfg.ingest.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.ingest.concurrency, blocks)),
+        num_cpus=cfg.ingest.num_cpus_per_actor,
+    ).materialize()
+    # One small pass over the metadata columns tells what was accepted and what not; the
+    # composites themselves are written straight from the workers.
     accepted = Counter()
-    if records:
-        ray = _ray(cfg)
-        blocks = max(1, min(len(records) // cfg.ingest.batch_size, 200))
-        ds = ray.data.from_items(records, override_num_blocks=blocks)
-        result = ds.map_batches(
-            FrameWorker,
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
-            batch_size=cfg.ingest.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.ingest.concurrency, blocks)),
-            num_cpus=cfg.ingest.num_cpus_per_actor,
-        ).materialize()
-        # One small pass over the metadata columns tells what was accepted and what not;
-        # the composites themselves are written straight from the workers.
-        for row in result.select_columns(["source_uri", "procedure_id", "frame_id", "structure", "item_id", "path", "reason", "split"]).iter_rows():
-            if row["reason"] is None:
-                accepted[(row["split"], row["structure"])] += 1
-            else:
-                quarantine.append(quarantine_entry(row["source_uri"], row["reason"], **{k: row[k] for k in ("procedure_id", "frame_id", "structure", "item_id", "path")}))
-        from ray.data.expressions import col
+    for row in result.select_columns(["source_uri", "procedure_id", "frame_id", "structure", "item_id", "path", "reason", "split"]).iter_rows():
+        if row["reason"] is None:
+            accepted[(row["split"], row["structure"])] += 1
+        else:
+            quarantine.append(quarantine_entry(row["source_uri"], row["reason"], **{k: row[k] for k in ("procedure_id", "frame_id", "structure", "item_id", "path")}))
+    from ray.data.expressions import col
 
-        fs, path = st.resolve(join(out, "shards"))
-        result.filter(expr=col("reason").is_null()).drop_columns(["reason", "path"]).write_parquet(
-            path, filesystem=fs, min_rows_per_file=cfg.ingest.rows_per_shard, max_rows_per_file=cfg.ingest.rows_per_shard)
+    fs, path = st.resolve(join(out, "shards"))
+    result.filter(expr=col("reason").is_null()).drop_columns(["reason", "path"]).write_parquet(
+        path, filesystem=fs, min_rows_per_file=cfg.ingest.rows_per_shard, max_rows_per_file=cfg.ingest.rows_per_shard)
+    return accepted
 
-    # ---- quarantine file, then the manifest (last: it marks the stage complete)
-    st.write_text(qfile, "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
-    n_ok = sum(accepted.values())
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    """Ingest every source; returns the manifest of `frames/`."""
+    st = Storage(cfg.storage)
+    out = join(cfg.workdir, "frames")
+    if st.is_complete(out) and not force:
+        manifest = st.read_manifest(out)
+        log.info("ingest: %s is complete (%d accepted, %d quarantined), skipped", out, manifest["accepted"], manifest["quarantined"])
+        return {**manifest, "skipped": True}
+    if not cfg.sources:
+        raise ConfigError("ingest: no sources configured (set `sources:` in the config)")
+    st.delete(out)  # whatever an interrupted attempt left
+    t0 = time.time()
+    records, quarantine = list_and_split(st, cfg)
+    accepted = transform(st, cfg, records, out, quarantine) if records else Counter()
+    qfile = write_quarantine(st, cfg.workdir, "ingest", quarantine)  # then the manifest, last: it marks the stage complete
     by_split = Counter()
     for (split, _), n in accepted.items():
         by_split[split] += n
     manifest = st.write_manifest(
-        out,
-        st.list_files(join(out, "shards"), ".parquet"),
-        stage="ingest",
-        accepted=n_ok,
-        quarantined=len(quarantine),
-        splits=dict(by_split),
-        structures={f"{sp}/{s}": n for (sp, s), n in sorted(accepted.items())},
+        out, st.list_files(join(out, "shards"), ".parquet"), stage="ingest", accepted=sum(accepted.values()),
+        quarantined=len(quarantine), splits=dict(by_split), structures={f"{sp}/{s}": n for (sp, s), n in sorted(accepted.items())},
         quarantine_reasons=dict(Counter(_reason_kind(q["reason"]) for q in quarantine)),
-        data=cfg.data.model_dump(mode="json"),
-        seconds=round(time.time() - t0, 2),
+        data=cfg.data.model_dump(mode="json"), seconds=round(time.time() - t0, 2),
     )
-    log.info("ingest: %d accepted, %d quarantined (%s) in %.1f s -> %s", n_ok, len(quarantine), qfile, time.time() - t0, out)
+    log.info("ingest: %d accepted, %d quarantined (%s) in %.1f s -> %s", manifest["accepted"], len(quarantine), qfile, time.time() - t0, out)
     return manifest
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from cmevlm.config import RunConfig, public_dict
+from cmevlm.errors import CmevlmError
 from cmevlm.stages import NAMES
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -34,8 +35,8 @@ TARGETS = ("pipeline", *NAMES)
 CHART = Path(__file__).resolve().parent.parent / "helm" / "cmevlm"
 
 
-class SubmitError(RuntimeError):
-    pass
+class SubmitError(CmevlmError):
+    """The cluster refused or cannot render the submission; the message says why."""
 
 
 def helm_binary() -> str:

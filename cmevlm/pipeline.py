@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from cmevlm.config import RunConfig
+from cmevlm.errors import ConfigError
 from cmevlm.stages import NAMES, get
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def run(cfg: RunConfig, start: str = STAGES[0], stop: str = STAGES[-1], echo=pri
     """Run the stages from `start` to `stop` in order; raises StageFailed naming the stage."""
     chosen = STAGES[STAGES.index(start): STAGES.index(stop) + 1]
     if not chosen:
-        raise ValueError(f"--from {start} comes after --to {stop}")
+        raise ConfigError(f"--from {start} comes after --to {stop}")
     results = []
     for i, stage in enumerate(chosen, 1):
         t0 = time.time()

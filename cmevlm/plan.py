@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmevlm.config import RunConfig
+from cmevlm.errors import ConfigError
 from cmevlm.train.freeze import COMPONENTS, component, trainable
 
 GiB = 2**30
@@ -35,8 +36,8 @@ EXPORT_PROCESS_GIB = 0.6
 REPO = Path(__file__).resolve().parent.parent
 
 
-class PlanError(ValueError):
-    """The model's config cannot be read."""
+class PlanError(ConfigError):
+    """The model's config cannot be read, or the plan's pools do not name a stage's pool."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,19 +14,18 @@ the flagged pairs, as the judge left them, go to the expert's queue `review/pref
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from collections import Counter
 
 import pyarrow as pa
 
+from cmevlm.assembly import apply_reviews, is_current, reviews_sha256, write_quarantine, write_shards
 from cmevlm.config import RunConfig
 from cmevlm.data.formats import PREF_SCHEMA, PREFERENCE_QUEUE_SCHEMA, answer_text, assistant_turn, prompt_text
+from cmevlm.errors import MissingInput
+from cmevlm.reviews import FILES, needs_review, read_reviews
 from cmevlm.storage import Storage, join, stage_uri
-from cmevlm.reviews import FILES, read_reviews
-from cmevlm.teach import needs_review
 from cmevlm.teacher import pool
 from cmevlm.teacher.backends import Verdict
 from cmevlm.teacher.client import merge_audit
@@ -40,7 +39,9 @@ ITEM_KEYS = ("item_id", "procedure_id", "site", "structure", "laterality", "phas
 def judge_request(gt_row: dict, answers: list[str], cfg: RunConfig) -> dict:
     text = judge_prompt(gt_row["structure"], gt_row["laterality"], prompt_text(gt_row["messages"]),
                         answer_text(gt_row["messages"]), answers)
-    return pool.request(gt_row["item_id"], JUDGE_SYSTEM_PROMPT, text, None,
+    facts = {"structure": gt_row["structure"], "side": gt_row["laterality"], "ground_truth": answer_text(gt_row["messages"]),
+             "answers": dict(zip(LETTERS, answers))}
+    return pool.request(gt_row["item_id"], JUDGE_SYSTEM_PROMPT, text, None, facts,
                         temperature=cfg.judge.temperature, max_output_tokens=cfg.judge.max_output_tokens)
 
 
@@ -60,64 +61,61 @@ def queue_row(row: dict) -> dict:
             "image": row["images"][0]["bytes"], "chosen": answer_text(row["chosen"]), "rejected": answer_text(row["rejected"])}
 
 
-def run(cfg: RunConfig, force: bool = False) -> dict:
-    st = Storage(cfg.storage)
-    out, samples = join(cfg.workdir, "preferences"), join(cfg.workdir, "samples")
-    reviews_uri = join(cfg.workdir, FILES["preferences"][0])  # the expert's file: kept when the stage is rebuilt
-    reviews_sha = hashlib.sha256(st.read_bytes(reviews_uri)).hexdigest() if st.exists(reviews_uri) else None
-    if st.is_complete(out) and not force and st.read_manifest(out).get("reviews_sha256") == reviews_sha:
-        log.info("prefer: %s is complete, skipped", out)
-        return {**st.read_manifest(out), "skipped": True}
-    if not st.is_complete(samples):
-        raise FileNotFoundError(f"prefer needs the sample stage's answers at {samples} (run `cmevlm sample`)")
-    for f in st.list_files(join(out, "parts")) + [join(out, "manifest.json")]:
-        st.delete(f)
-    t0 = time.time()
+def read_pool(st: Storage, cfg: RunConfig) -> tuple[dict, dict, list[str]]:
+    """The five sampled answers and the ground-truth row (from the pool the sampler read) per item."""
+    sampled = {r["item_id"]: [a["text"] for a in r["answers"]] for r in st.read_parquet(join(cfg.workdir, "samples", "parts")).to_pylist()}
+    gt = {r["item_id"]: r for r in st.read_parquet(stage_uri(cfg, cfg.sample.pool)).to_pylist() if r["item_id"] in sampled}
+    return sampled, gt, sorted(gt)
 
-    # ---- join the five answers with the ground truth (the pool the sampler read)
-    sampled = {r["item_id"]: [a["text"] for a in r["answers"]] for r in st.read_parquet(join(samples, "parts")).to_pylist()}
-    pool_uri = stage_uri(cfg, cfg.sample.pool)
-    gt = {r["item_id"]: r for r in st.read_parquet(pool_uri).to_pylist() if r["item_id"] in sampled}
-    ids = sorted(gt)
 
-    # ---- judge (text only)
-    results = pool.ask_all(cfg, "judge", [judge_request(gt[i], sampled[i], cfg) for i in ids], Verdict)
-    merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
-
-    # ---- assemble
-    reviews = read_reviews(st, reviews_uri, FILES["preferences"][1])
-    rows, quarantine, counts, queue = [], [], Counter(), []
+def judged(cfg: RunConfig, ids: list[str], results: list[dict], sampled: dict, gt: dict) -> tuple[list[tuple[str, dict]], list[dict], int]:
+    """(item_id, preference row) per valid verdict, quarantine entries for the rest, and how
+    often the judge accepted the ground truth."""
+    rows, quarantine, ground_truth = [], [], 0
     for item_id, r in zip(ids, results):
         if r["error"]:
             quarantine.append({"item_id": item_id, "reason": r["error"], "raw": r["raw"]})
             continue
         verdict = json.loads(r["value"])
-        counts["accepted_ground_truth"] += verdict["accepted"] == "ground_truth"
-        row = preference_row(gt[item_id], sampled[item_id], verdict, needs_review(item_id, cfg.prefer.review_fraction, cfg.seed + 1))
-        if row["needs_review"]:
-            queue.append(queue_row(row))
-        rev = reviews.get(item_id)
-        if rev:
-            counts["reviewed"] += 1
-            counts[rev["decision"]] += 1
-            if rev["decision"] == "reject":
-                continue
-            if rev["decision"] == "swap":
-                row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-        rows.append(row)
-    n = cfg.ingest.rows_per_shard
-    parts = []
-    for i in range(0, max(len(rows), 1), n):
-        parts.append(join(out, "parts", f"part-{i // n:05d}.parquet"))
-        st.write_parquet(parts[-1], pa.Table.from_pylist(rows[i:i + n], schema=PREF_SCHEMA))
+        ground_truth += verdict["accepted"] == "ground_truth"
+        flagged = needs_review(item_id, cfg.prefer.review_fraction, cfg.seed + 1)
+        rows.append((item_id, preference_row(gt[item_id], sampled[item_id], verdict, flagged)))
+    return rows, quarantine, ground_truth
+
+
+def swap(row: dict, rev: dict) -> dict:
+    """The expert's swap exchanges chosen and rejected; accept keeps the pair."""
+    return {**row, "chosen": row["rejected"], "rejected": row["chosen"]} if rev["decision"] == "swap" else row
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    st = Storage(cfg.storage)
+    out, samples = join(cfg.workdir, "preferences"), join(cfg.workdir, "samples")
+    reviews_uri = join(cfg.workdir, FILES["preferences"][0])  # the expert's file: kept when the stage is rebuilt
+    reviews_sha = reviews_sha256(st, reviews_uri)
+    if is_current(st, out, force, reviews_sha):
+        log.info("prefer: %s is complete, skipped", out)
+        return {**st.read_manifest(out), "skipped": True}
+    if not st.is_complete(samples):
+        raise MissingInput(f"prefer needs the sample stage's answers at {samples} (run `cmevlm sample`)")
+    for f in st.list_files(join(out, "parts")) + [join(out, "manifest.json")]:
+        st.delete(f)
+    t0 = time.time()
+    sampled, gt, ids = read_pool(st, cfg)
+    results = pool.ask_all(cfg, "judge", [judge_request(gt[i], sampled[i], cfg) for i in ids], Verdict)
+    merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
+    pairs, quarantine, ground_truth = judged(cfg, ids, results, sampled, gt)
+    queue = [queue_row(row) for _, row in pairs if row["needs_review"]]
+    rows, counts = apply_reviews(pairs, read_reviews(st, reviews_uri, FILES["preferences"][1]), swap)
+    parts = write_shards(st, join(out, "parts"), rows, PREF_SCHEMA)
     st.write_parquet(join(cfg.workdir, "review", "preferences.parquet"), pa.Table.from_pylist(queue, schema=PREFERENCE_QUEUE_SCHEMA))
-    st.write_text(join(cfg.workdir, "quarantine", "prefer.jsonl"), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
+    write_quarantine(st, cfg.workdir, "prefer", quarantine)
     manifest = st.write_manifest(
         out, parts, stage="prefer", backend=cfg.judge.backend, model=cfg.judge.model, pairs=len(rows), quarantined=len(quarantine),
-        needs_review=sum(r["needs_review"] for r in rows), reviewed=counts["reviewed"], swapped=counts["swap"],
-        rejected=counts["reject"], accepted_ground_truth=counts["accepted_ground_truth"], reviews_sha256=reviews_sha,
+        needs_review=sum(r["needs_review"] for r in rows), reviewed=sum(counts.values()), swapped=counts["swap"],
+        rejected=counts["reject"], accepted_ground_truth=ground_truth, reviews_sha256=reviews_sha,
         requests_sent=sum(r["requests"] for r in results), cached=sum(r["cached"] for r in results),
         cost_usd=round(sum(r["cost_usd"] for r in results), 6), seconds=round(time.time() - t0, 2),
     )
-    log.info("prefer: %d pairs, %d quarantined, ground truth accepted %d times -> %s", len(rows), len(quarantine), counts["accepted_ground_truth"], out)
+    log.info("prefer: %d pairs, %d quarantined, ground truth accepted %d times -> %s", len(rows), len(quarantine), ground_truth, out)
     return manifest

@@ -11,10 +11,12 @@ line, never a rewrite: the last line for an item wins and the earlier ones are i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 
+from cmevlm.errors import BadFile
 from cmevlm.storage import Storage
 
 # queue -> (reviews file under the workdir, the decisions it allows)
@@ -24,6 +26,12 @@ FILES = {
     "expert": ("eval/expert_reviews.jsonl", ("score",)),
 }
 SCORES = (1, 2, 3, 4, 5)
+
+
+def needs_review(item_id: str, fraction: float, seed: int) -> bool:
+    """A deterministic `fraction` of items is flagged for the expert (teach: seed; prefer: seed + 1)."""
+    h = int.from_bytes(hashlib.sha256(f"review|{seed}|{item_id}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
 
 
 def check(r: dict, decisions: tuple[str, ...]) -> None:
@@ -52,7 +60,7 @@ def read_history(storage: Storage, uri: str, decisions: tuple[str, ...]) -> list
             r = json.loads(line)
             check(r, decisions)
         except ValueError as e:  # json.JSONDecodeError is a ValueError
-            raise ValueError(f"{uri}:{n}: {e}") from None
+            raise BadFile(f"{uri}:{n}: {e}") from None
         history.append(r)
     return history
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from cmevlm.config import RunConfig
 from cmevlm.data.formats import prompt_text
+from cmevlm.errors import MissingInput
 from cmevlm.model.generate import Setting, decode_image, generate
 from cmevlm.model.replicas import part_uri, read_parts, run_pool
 from cmevlm.storage import Storage, join, stage_uri
@@ -80,7 +81,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     if force:
         st.delete(out)
     if not st.is_complete(model_uri):
-        raise FileNotFoundError(f"sample needs the SFT model at {model_uri} (run `cmevlm sft`)")
+        raise MissingInput(f"sample needs the SFT model at {model_uri} (run `cmevlm sft`)")
     t0 = time.time()
 
     # ---- the pool, minus what an earlier (interrupted) run already answered

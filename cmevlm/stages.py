@@ -39,7 +39,7 @@ STAGES: tuple[Stage, ...] = (
           "frames + masks -> composite Parquet shards (Ray Data); bad items quarantined",
           "Read every source (local or s3://, cmevlm or dsad layout), build one composite per (frame, structure) with "
           "the overlay and size from `data:`, split by procedure, and write Parquet shards to <workdir>/frames with a "
-          "manifest. Bad items go to <workdir>/quarantine/quarantine.jsonl.",
+          "manifest. Bad items go to <workdir>/quarantine/ingest.jsonl.",
           "rebuild even when frames/manifest.json says the stage is complete"),
     Stage("teach", "cmevlm.teach", ("frames",), ("sft",), False, True,
           lambda m: f"{m['train']} train / {m['test']} test answers, {m['quarantined']} quarantined, ${m['cost_usd']:.4f}",

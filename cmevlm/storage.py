@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cmevlm.config import StorageConfig
+from cmevlm.errors import MissingInput
 
 MANIFEST = "manifest.json"
 
@@ -189,7 +190,7 @@ class Storage:
             fs, path = self.resolve(f)
             tables.append(pq.read_table(path, filesystem=fs, columns=columns))
         if not tables:
-            raise FileNotFoundError(f"no Parquet files under {uri}")
+            raise MissingInput(f"no Parquet files under {uri}")
         return pa.concat_tables(tables, promote_options="default")
 
     # -- manifests --------------------------------------------------------------------------

@@ -7,15 +7,12 @@ from __future__ import annotations
 import os
 import socket
 
-from cmevlm.cluster import ENV_DEFAULTS  # noqa: E402  (light: no torch, no Ray)
+from cmevlm.cluster import apply_env_defaults  # noqa: E402  (light: no torch, no Ray)
 
-for _k, _v in {
-    **ENV_DEFAULTS,
-    # Keys for the loopback fakes; set before Ray starts so its workers inherit them.
-    "GEMINI_API_KEY": "test-gemini-key",
-    "OPENAI_API_KEY": "test-openai-key",
-}.items():
-    os.environ.setdefault(_k, _v)
+apply_env_defaults()
+# Keys for the loopback fakes; set before Ray starts so its workers inherit them.
+os.environ.setdefault("GEMINI_API_KEY", "test-gemini-key")
+os.environ.setdefault("OPENAI_API_KEY", "test-openai-key")
 
 import pytest  # noqa: E402
 

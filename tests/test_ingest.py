@@ -24,7 +24,7 @@ def _rows(st, workdir):
 
 
 def _quarantine(st, workdir):
-    text = st.read_text(join(workdir, "quarantine", "quarantine.jsonl"))
+    text = st.read_text(join(workdir, "quarantine", "ingest.jsonl"))
     return [json.loads(line) for line in text.splitlines()]
 
 

@@ -120,7 +120,7 @@ def test_real_width_model_loads_in_bf16_through_the_one_helper_and_samples_a_bat
 
     cfg = load_config(overrides=["sample.dtype=bfloat16"])
     model, proc = load(cfg, str(real_width_dir), dtype=cfg.sample.dtype, num_gpus=cfg.sample.num_gpus_per_actor)
-    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"
+    assert model.dtype == torch.bfloat16
     image = encode_png(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8))
     items = [{"item_id": f"i{i}", "image": image, "prompt": "Identify the highlighted anatomical structure."} for i in range(2)]
     settings = [Setting(s.temperature, s.top_p, s.seed) for s in SampleConfig().settings]

@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-from cmevlm import prefer, sample, teach
+from cmevlm import prefer, sample
 from cmevlm.config import load_config
+from cmevlm.reviews import needs_review
 from cmevlm.model.generate import Setting, decode_image, generate
 from cmevlm.model.loading import load_model, load_processor
 from cmevlm.rubric import identifies, laterality_error, mentions_significance, rubric_score, stated_side
@@ -97,7 +98,7 @@ def test_offline_judge_writes_valid_preference_rows(sampled, tmp_path):
         accepted, rejected = verdict.replace("accepted ", "").split(", rejected ")
         assert accepted != rejected
     # the pairs a hash flags (its own seed, not the teacher's); which ones varies with the tmp path
-    assert [r["needs_review"] for r in rows] == [teach.needs_review(r["item_id"], 0.5, cfg.seed + 1) for r in rows]
+    assert [r["needs_review"] for r in rows] == [needs_review(r["item_id"], 0.5, cfg.seed + 1) for r in rows]
     assert m["needs_review"] == sum(r["needs_review"] for r in rows)
     for line in (workdir / "teacher/audit.jsonl").read_text().splitlines()[-12:]:
         assert [p["kind"] for p in json.loads(line)["parts"]] == ["text"]  # no image, no mask

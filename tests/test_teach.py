@@ -15,8 +15,9 @@ import pytest
 
 from cmevlm import ingest, teach
 from cmevlm.config import load_config
+from cmevlm.reviews import needs_review
 from cmevlm.storage import Storage, join
-from cmevlm.teacher.prompts import TEMPLATES
+from cmevlm.instructions import TEMPLATES
 from conftest import kill_ray_session
 from fake_llm import FakeLLM, gemini_images, gemini_texts
 from test_teacher import _assert_only_text_and_binary_pngs
@@ -74,7 +75,7 @@ def test_offline_teacher_writes_the_sft_dataset(tmp_path, frames_dir):
     # exactly the items the hash flags (item ids include the source path, so which ones varies
     # with the test's tmp dir; the fraction itself is checked on fixed ids below)
     flagged = {r["item_id"] for r in rows if r["needs_review"]}
-    assert flagged == {r["item_id"] for r in rows if teach.needs_review(r["item_id"], 0.25, cfg.seed)}
+    assert flagged == {r["item_id"] for r in rows if needs_review(r["item_id"], 0.25, cfg.seed)}
     assert m["needs_review"] == len(flagged) > 0
     assert len(_audit(run)) == m["requests_sent"] == len(rows)
     again = teach.run(cfg)
@@ -192,8 +193,8 @@ def test_gemini_batch_api_half_price_and_resume_without_resubmitting(tmp_path, f
 def test_needs_review_flags_the_configured_fraction_deterministically():
     ids = [f"item-{i:05d}" for i in range(4000)]
     for fraction in (0.1, 0.25, 0.5):
-        flagged = [i for i in ids if teach.needs_review(i, fraction, seed=0)]
+        flagged = [i for i in ids if needs_review(i, fraction, seed=0)]
         assert abs(len(flagged) / len(ids) - fraction) < 0.03
-        assert flagged == [i for i in ids if teach.needs_review(i, fraction, seed=0)]
-    assert not any(teach.needs_review(i, 0.0, 0) for i in ids) and all(teach.needs_review(i, 1.0, 0) for i in ids)
-    assert {i for i in ids if teach.needs_review(i, 0.25, 0)} != {i for i in ids if teach.needs_review(i, 0.25, 1)}
+        assert flagged == [i for i in ids if needs_review(i, fraction, seed=0)]
+    assert not any(needs_review(i, 0.0, 0) for i in ids) and all(needs_review(i, 1.0, 0) for i in ids)
+    assert {i for i in ids if needs_review(i, 0.25, 0)} != {i for i in ids if needs_review(i, 0.25, 1)}

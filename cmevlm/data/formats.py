@@ -1,4 +1,5 @@
-"""The datasets' Parquet schemas, in TRL's conversational formats (DESIGN.md, data contracts).
+"""The datasets' Parquet schemas, in TRL's conversational formats: what teach, prefer, sample
+and the trainers exchange.
 
 SFT rows: `images` (list of {bytes, path}: the Hugging Face `Image` storage layout, so
 `datasets` decodes them to PIL) and `messages` (user [image + instruction] / assistant [answer]).

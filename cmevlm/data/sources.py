@@ -25,6 +25,7 @@ from collections import defaultdict
 
 from cmevlm.anatomy import DSAD_STRUCTURES, DSAD_TO_CME, LATERALITIES, STRUCTURES
 from cmevlm.config import Source
+from cmevlm.errors import MissingInput
 from cmevlm.storage import Storage, join
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
@@ -58,7 +59,7 @@ def list_source(storage: Storage, source: Source) -> tuple[list[dict], list[dict
     """(frame records, quarantine entries) of one source."""
     root = source.uri.rstrip("/")
     if not storage.exists(root):
-        raise FileNotFoundError(f"source {root} does not exist")
+        raise MissingInput(f"source {root} does not exist")
     files = [posixpath.relpath(f, root) if not f.startswith("s3://") else f[len(root) + 1:] for f in storage.list_files(root)]
     files = [f.replace("\\", "/") for f in files]
     if source.layout == "dsad":

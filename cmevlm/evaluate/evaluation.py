@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from cmevlm.config import RunConfig
 from cmevlm.data.formats import answer_text, prompt_text
+from cmevlm.errors import MissingInput
 from cmevlm.evaluate import metrics as M
 from cmevlm.model.generate import decode_image, generate
 from cmevlm.model.replicas import part_uri, read_parts, run_pool
@@ -101,47 +102,36 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def run(cfg: RunConfig, force: bool = False) -> dict:
-    from cmevlm.evaluate import report
-
-    st = Storage(cfg.storage)
-    out = join(cfg.workdir, "eval")
-    e = cfg.evaluate
-    models = models_to_evaluate(cfg, st)
-    signature = hashlib.sha256(json.dumps(sorted(models.items())).encode()).hexdigest()
-    if st.is_complete(out) and not force and st.read_manifest(out).get("models_sha256") == signature:
-        log.info("evaluate: %s is complete, skipped", out)
-        return {**st.read_json(join(out, "metrics.json")), "skipped": True}
-    test_uri = stage_uri(cfg, e.data)
-    if not st.is_complete(join(cfg.workdir, "sft")) and test_uri == join(cfg.workdir, "sft/test"):
-        raise FileNotFoundError(f"evaluate needs the test set at {test_uri} (run `cmevlm teach`)")
-    if not models:
-        raise FileNotFoundError("evaluate: none of the models exists")
-    t0 = time.time()
-    items = st.read_parquet(test_uri).to_pylist()
-    if e.limit:
-        items = items[: e.limit]
-    by_id = {it["item_id"]: it for it in items}
-
-    # ---- answers (Ray), then per-answer metrics (driver)
+def answer(cfg: RunConfig, st: Storage, models: dict[str, str], items: list[dict]) -> list[dict]:
+    """Every model's answer to every item (Ray), with the per-answer measures that need no model."""
     rows = []
     for name, uri in models.items():
         answers = answer_all(cfg, st, name, uri, items)
         for it in items:
-            a = answers[it["item_id"]]["answer"]
+            a, gt = answers[it["item_id"]]["answer"], answer_text(it["messages"])
             rows.append({"model": name, "item_id": it["item_id"], "structure": it["structure"], "site": it["site"],
                          "laterality": it["laterality"], "prompt": prompt_text(it["messages"]), "answer": a,
-                         "ground_truth": answer_text(it["messages"]), "bleu4": M.bleu4(a, answer_text(it["messages"])),
-                         "structure_ok": identifies(a, it["structure"]), "laterality_error": laterality_error(a, it["laterality"]),
-                         "length": len(a.split()), "repetition": repetition_rate(a)})
+                         "ground_truth": gt, "bleu4": M.bleu4(a, gt), "structure_ok": identifies(a, it["structure"]),
+                         "laterality_error": laterality_error(a, it["laterality"]), "length": len(a.split()), "repetition": repetition_rate(a)})
+    return rows
+
+
+def score(cfg: RunConfig, rows: list[dict]) -> None:
+    """BERTScore F1 of every answer against its ground truth, in place."""
+    e = cfg.evaluate
     f1 = M.bertscore_f1([r["answer"] for r in rows], [r["ground_truth"] for r in rows], e.bertscore_model, e.bertscore_layers, e.bertscore_baseline)
     for r, f in zip(rows, f1):
         r["bertscore_f1"] = f
 
-    # ---- the LLM judge: text only, through the shared client
+
+def judge(cfg: RunConfig, st: Storage, rows: list[dict]) -> None:
+    """The LLM judge's accuracy, conciseness and weighted composite of every answer, in place
+    (text only, through the shared guarded client)."""
+    e = cfg.evaluate
     reqs = [pool.request(f"{r['model']}:{r['item_id']}", SCORE_SYSTEM_PROMPT,
                          score_prompt(r["structure"], r["laterality"], r["prompt"], r["ground_truth"], r["answer"]), None,
-                         temperature=0.0, max_output_tokens=cfg.judge.max_output_tokens) for r in rows]
+                         {"structure": r["structure"], "side": r["laterality"], "answer": r["answer"]},
+                         temperature=cfg.judge.score_temperature, max_output_tokens=cfg.judge.max_output_tokens) for r in rows]
     wsum = e.judge_accuracy_weight + e.judge_conciseness_weight
     for r, res in zip(rows, pool.ask_all(cfg, "judge", reqs, JudgeScore)):
         if res["value"]:
@@ -152,34 +142,63 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             r.update(judge_accuracy=None, judge_conciseness=None, judge_reason=f"judge failed: {res['error']}", judge=None)
     merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
 
-    # ---- Table 1, breakdowns, tests
+
+def paired_p(grouped: dict, a: str, b: str) -> float | None:
+    """Wilcoxon signed-rank p of the judge composite of models a and b on the items both have."""
+    ja, jb = ({r["item_id"]: r["judge"] for r in grouped.get(m, []) if r["judge"] is not None} for m in (a, b))
+    common = sorted(set(ja) & set(jb))
+    return M.wilcoxon_p([ja[i] for i in common], [jb[i] for i in common]) if common else None
+
+
+def tabulate(cfg: RunConfig, models: dict[str, str], rows: list[dict], n_items: int) -> dict:
+    """Table 1, the breakdowns per structure and site, and the tests: metrics.json."""
     grouped = defaultdict(list)
     for r in rows:
         grouped[r["model"]].append(r)
-    per = lambda key: {v: {m: summarise([r for r in grouped[m] if r[key] == v]) for m in models}  # noqa: E731
-                       for v in sorted({r[key] for r in rows})}
-    judged = lambda m: {r["item_id"]: r["judge"] for r in grouped.get(m, []) if r["judge"] is not None}  # noqa: E731
 
-    def paired(a, b):
-        ja, jb = judged(a), judged(b)
-        common = sorted(set(ja) & set(jb))
-        return M.wilcoxon_p([ja[i] for i in common], [jb[i] for i in common]) if common else None
+    def per(key: str) -> dict:
+        return {v: {m: summarise([r for r in grouped[m] if r[key] == v]) for m in models} for v in sorted({r[key] for r in rows})}
 
-    result = {
-        "n_test": len(items),
+    e = cfg.evaluate
+    return {
+        "n_test": n_items,
         "models": {m: summarise(grouped[m]) for m in models},
         "per_structure": per("structure"),
         "per_site": per("site"),
-        "tests": {"sft_vs_dpo_judge_p": paired("sft", "dpo"), "base_vs_sft_judge_p": paired("base", "sft")},
+        "tests": {"sft_vs_dpo_judge_p": paired_p(grouped, "sft", "dpo"), "base_vs_sft_judge_p": paired_p(grouped, "base", "sft")},
         "expert": None,
         "model_uris": models,
         "judge": {"backend": cfg.judge.backend, "model": cfg.judge.model, "weights": [e.judge_accuracy_weight, e.judge_conciseness_weight]},
     }
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    """answer -> score -> judge -> tabulate -> report; skipped when eval/ is complete for the same models."""
+    from cmevlm.evaluate import report
+
+    st = Storage(cfg.storage)
+    out = join(cfg.workdir, "eval")
+    models = models_to_evaluate(cfg, st)
+    signature = hashlib.sha256(json.dumps(sorted(models.items())).encode()).hexdigest()
+    if st.is_complete(out) and not force and st.read_manifest(out).get("models_sha256") == signature:
+        log.info("evaluate: %s is complete, skipped", out)
+        return {**st.read_json(join(out, "metrics.json")), "skipped": True}
+    test_uri = stage_uri(cfg, cfg.evaluate.data)
+    if not st.is_complete(join(cfg.workdir, "sft")) and test_uri == join(cfg.workdir, "sft/test"):
+        raise MissingInput(f"evaluate needs the test set at {test_uri} (run `cmevlm teach`)")
+    if not models:
+        raise MissingInput("evaluate: none of the models exists")
+    t0 = time.time()
+    items = st.read_parquet(test_uri).to_pylist()[: cfg.evaluate.limit or None]
+    rows = answer(cfg, st, models, items)
+    score(cfg, rows)
+    judge(cfg, st, rows)
+    result = tabulate(cfg, models, rows, len(items))
     old = st.read_json(join(out, "metrics.json")) if st.exists(join(out, "metrics.json")) else {}
     result["expert"] = old.get("expert")
     st.write_parquet(join(out, "answers.parquet"), pa.Table.from_pylist(rows))
     st.write_json(join(out, "metrics.json"), result)
-    report.write(cfg, st, result, rows, by_id)
+    report.write(cfg, st, result, rows, {it["item_id"]: it for it in items})
     st.write_manifest(out, [join(out, f) for f in ("metrics.json", "answers.parquet", "report.html", "report.md")],
                       stage="evaluate", models_sha256=signature, seconds=round(time.time() - t0, 2))
     log.info("evaluate: %d items x %d models in %.0f s -> %s", len(items), len(models), time.time() - t0, join(out, "report.html"))

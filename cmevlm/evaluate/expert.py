@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import random
 import string
 
 from cmevlm.config import RunConfig
+from cmevlm.errors import BadFile, MissingInput
 from cmevlm.evaluate.metrics import mean_std
 from cmevlm.reviews import FILES, read_reviews
-from cmevlm.storage import Storage, join
+from cmevlm.storage import Storage, join, stage_uri
 
 SHEET = "eval/expert_sheet.csv"  # under the workdir: what the surgeon (or `cmevlm review`) scores
 
@@ -36,7 +36,7 @@ def export_sheet(cfg: RunConfig) -> dict:
     rng = random.Random(cfg.seed)
     chosen = sorted(rng.sample(item_ids, min(cfg.evaluate.expert_n, len(item_ids))))
     letters = string.ascii_uppercase[: len(models)]
-    images = {r["item_id"]: r for r in st.read_parquet(join(cfg.workdir, cfg.evaluate.data)).to_pylist() if r["item_id"] in set(chosen)}
+    images = {r["item_id"]: r for r in st.read_parquet(stage_uri(cfg, cfg.evaluate.data)).to_pylist() if r["item_id"] in set(chosen)}
     key, lines = {}, []
     for item_id in chosen:
         order = models[:]
@@ -57,26 +57,23 @@ def export_sheet(cfg: RunConfig) -> dict:
 
 
 def _html(lines, letters, images) -> str:
-    e = html.escape
-    blocks = []
-    for n, line in enumerate(lines, 1):
-        img = base64.b64encode(images[line["item_id"]]["images"][0]["bytes"]).decode()
-        answers = "".join(f"<p><b>{L}.</b> {e(line[f'answer_{L}'])}</p>" for L in letters)
-        blocks.append(f"<section><h3>{n}. {e(line['item_id'])}</h3><img src='data:image/png;base64,{img}' width=300>"
-                      f"<p><i>{e(line['prompt'])}</i></p>{answers}</section>")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>Expert sheet</title><style>body{font-family:sans-serif;"
-            "max-width:900px;margin:auto}section{border-top:1px solid #ccc;padding:1em 0}</style></head><body><h1>Expert sheet</h1>"
-            f"<p>Score each answer 1-5 in expert_sheet.csv (score_{letters[0]}...) and list the preferred answers in "
-            "`preferred` (e.g. A;C). The models are blinded and shuffled per item.</p>" + "".join(blocks) + "</body></html>")
+    from cmevlm.evaluate.templating import render
+
+    sections = [{"item_id": line["item_id"], "prompt": line["prompt"],
+                 "image": base64.b64encode(images[line["item_id"]]["images"][0]["bytes"]).decode(),
+                 "answers": [{"letter": L, "text": line[f"answer_{L}"]} for L in letters]} for line in lines]
+    return render("expert_sheet.html", sections=sections, letters=letters)
 
 
-class SheetError(ValueError):
+class SheetError(BadFile):
     pass
 
 
 def sheet_lines(st: Storage, path: str, letters: str) -> list[dict]:
     """A filled sheet as rows of the exported CSV: the CSV itself, or the review app's
     `eval/expert_reviews.jsonl` (the last decision per item)."""
+    if not st.exists(path):
+        raise MissingInput(f"no expert sheet at {path}")
     if path.endswith(".jsonl"):
         reviews = read_reviews(st, path, FILES["expert"][1])
         return [{"item_id": r["item_id"], **{f"score_{L}": str(r["scores"].get(L, "")) for L in letters},
@@ -116,6 +113,6 @@ def import_sheet(cfg: RunConfig, path: str) -> dict:
     st.write_text(join(out, "report.md"), report.markdown(metrics))
     # the HTML report needs the answers again
     rows = st.read_parquet(join(out, "answers.parquet")).to_pylist()
-    items = {r["item_id"]: r for r in st.read_parquet(join(cfg.workdir, cfg.evaluate.data)).to_pylist() if r["item_id"] in {x["item_id"] for x in rows}}
+    items = {r["item_id"]: r for r in st.read_parquet(stage_uri(cfg, cfg.evaluate.data)).to_pylist() if r["item_id"] in {x["item_id"] for x in rows}}
     st.write_text(join(out, "report.html"), report.render_html(cfg, metrics, rows, items))
     return expert

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 
 from cmevlm.config import RunConfig, dump_config
@@ -113,41 +112,15 @@ def markdown(metrics: dict) -> str:
 
 
 def render_html(cfg: RunConfig, metrics: dict, rows: list[dict], items: dict[str, dict]) -> str:
-    e = html.escape
-    pics = plots(metrics, rows)
-    table = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table_rows(metrics))
+    from cmevlm.evaluate.templating import render
+
     examples = []
     for item_id in list(items)[: cfg.evaluate.report_examples]:
-        it = items[item_id]
-        img = base64.b64encode(it["images"][0]["bytes"]).decode()
-        answers = "".join(f"<dt>{e(r['model'])} <small>(judge {r['judge'] if r['judge'] is not None else '-'})</small></dt><dd>{e(r['answer'])}</dd>"
-                          for r in rows if r["item_id"] == item_id)
-        gt = next(r["ground_truth"] for r in rows if r["item_id"] == item_id)
-        examples.append(f"<div class='ex'><img src='data:image/png;base64,{img}' alt='composite'><div><p><b>{e(it['structure'].replace('_', ' '))}</b>, "
-                        f"{e(it['laterality'])} CME — <i>{e(next(r['prompt'] for r in rows if r['item_id'] == item_id))}</i></p>"
-                        f"<dl><dt>ground truth</dt><dd>{e(gt)}</dd>{answers}</dl></div></div>")
-    expert = ""
-    if metrics.get("expert"):
-        expert = "<h2>Expert evaluation</h2><table><tr><th>model</th><th>score</th><th>preferred</th></tr>" + "".join(
-            f"<tr><td>{e(m)}</td><td>{_fmt(v['score'], 2)}</td><td>{v['preferred']}</td></tr>" for m, v in metrics["expert"].items()) + "</table>"
-    t = metrics["tests"]
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>cmevlm evaluation</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}.ex{{display:flex;gap:1em;margin:1em 0;border-top:1px solid #eee;padding-top:1em}}
-.ex img{{width:224px;height:224px;image-rendering:pixelated}}dt{{font-weight:600;margin-top:.4em}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
-</head><body>
-<h1>cmevlm evaluation</h1>
-<p>{metrics['n_test']} held-out test items; judge: {e(metrics['judge']['backend'])} / {e(metrics['judge']['model'])},
-composite = {metrics['judge']['weights'][0]} × accuracy + {metrics['judge']['weights'][1]} × conciseness.</p>
-<h2>Table 1</h2>
-<table><tr>{''.join(f'<th>{e(h)}</th>' for h in HEADER)}</tr>{table}</table>
-<p>Wilcoxon signed-rank test on the judge composite: base vs SFT p = {t['base_vs_sft_judge_p']}, SFT vs DPO p = {t['sft_vs_dpo_judge_p']}.</p>
-<h2>By structure</h2><img alt="judge score by structure" src="data:image/png;base64,{pics['per_structure']}">
-<h2>Score distributions</h2><img alt="score distributions" src="data:image/png;base64,{pics['distributions']}">
-{expert}
-<h2>Examples</h2>{''.join(examples)}
-<h2>Config used</h2><pre>{e(dump_config(cfg))}</pre>
-</body></html>
-"""
+        it, mine = items[item_id], [r for r in rows if r["item_id"] == item_id]
+        examples.append({
+            "image": base64.b64encode(it["images"][0]["bytes"]).decode(), "structure": it["structure"].replace("_", " "),
+            "laterality": it["laterality"], "prompt": mine[0]["prompt"], "ground_truth": mine[0]["ground_truth"],
+            "answers": [{"model": r["model"], "judge": r["judge"] if r["judge"] is not None else "-", "answer": r["answer"]} for r in mine]})
+    expert = [{"model": m, "score": _fmt(v["score"], 2), "preferred": v["preferred"]} for m, v in (metrics.get("expert") or {}).items()]
+    return render("report.html", m=metrics, header=HEADER, table=table_rows(metrics), pics=plots(metrics, rows),
+                  expert=expert, examples=examples, config=dump_config(cfg))

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from cmevlm.config import StorageConfig
+from cmevlm.errors import ConfigError, MissingInput
 from cmevlm.storage import Storage
 
 
@@ -53,7 +54,7 @@ def local_model_dir(uri: str, storage: StorageConfig | None = None) -> Path:
     """A local folder holding the model: the path itself, or a cached copy of an s3:// prefix."""
     path = Storage(storage).local_dir(uri)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{uri} is not a Hugging Face model directory (no config.json)")
+        raise MissingInput(f"{uri} is not a Hugging Face model directory (no config.json)")
     return path
 
 
@@ -92,7 +93,7 @@ def resolve_dtype(name: str, device: str):
     import torch
 
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})")
+        raise ConfigError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})")
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, name)
@@ -103,9 +104,9 @@ def resolve_attention(name: str) -> str:
     import importlib.util
 
     if name not in ATTENTION:
-        raise ValueError(f"unknown attention implementation {name!r} (one of {', '.join(ATTENTION)})")
+        raise ConfigError(f"unknown attention implementation {name!r} (one of {', '.join(ATTENTION)})")
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package (GPU image); use sdpa")
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package (GPU image); use sdpa")
     return name
 
 

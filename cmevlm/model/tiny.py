@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from cmevlm.errors import ConfigError
+
 # Qwen2.5-VL special tokens, in the order real Qwen appends them after the BPE vocabulary.
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -118,7 +120,7 @@ def like_config(tokenizer, like: dict, layers: int, vision_depth: int):
     v["depth"] = vision_depth
     v["fullatt_block_indexes"] = [i for i in v.get("fullatt_block_indexes", []) if i < vision_depth] or [vision_depth - 1]
     if c.get("vocab_size", 0) < len(tokenizer):
-        raise ValueError(f"the config's vocabulary ({c.get('vocab_size')}) is smaller than the tokenizer's ({len(tokenizer)})")
+        raise ConfigError(f"the config's vocabulary ({c.get('vocab_size')}) is smaller than the tokenizer's ({len(tokenizer)})")
     return Qwen2_5_VLConfig.from_dict(c)
 
 

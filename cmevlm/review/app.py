@@ -29,11 +29,12 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from cmevlm.config import RunConfig
+from cmevlm.errors import ConfigError
 from cmevlm.review.queues import Queue, load_queues
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def resolve_token(host: str, token: str | None) -> str | None:
     """The token the app asks for: `token`, else $CMEVLM_REVIEW_TOKEN; required off loopback."""
     token = token or os.environ.get(TOKEN_ENV) or None
     if host not in LOOPBACK and not token:
-        raise ValueError(f"binding {host} exposes patient images beyond this machine: give a token "
+        raise ConfigError(f"binding {host} exposes patient images beyond this machine: give a token "
                          f"(--token or {TOKEN_ENV}) or bind 127.0.0.1")
     return token
 
@@ -123,210 +124,266 @@ def _review_from_form(q: Queue, form, reviewer: str) -> dict:
     return review
 
 
-def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") -> FastAPI:
-    """The app over `cfg.workdir`. `token`: required at sign-in when set. `config_args`: the
-    `--config FILE` the summary page adds to the commands that rebuild the datasets."""
-    queues = load_queues(cfg)
-    sessions = Sessions()
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
-    app = FastAPI(title="cmevlm review", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.queues, app.state.sessions = queues, sessions
+class SignInRequired(Exception):
+    """Raised by the `signed_in` dependency: GET redirects to the sign-in page, anything else 403."""
 
-    # -- pages -----------------------------------------------------------------------------
 
-    def page(request: Request, template: str, status: int = 200, known: dict | None = None, **ctx) -> Response:
+class ReviewApp:
+    """What every route shares: the queues, the sessions, the templates, the sign-in token."""
+
+    def __init__(self, cfg: RunConfig, token: str | None, config_args: str):
+        self.cfg, self.token, self.config_args = cfg, token, config_args
+        self.queues = load_queues(cfg)
+        self.sessions = Sessions()
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+    def page(self, request: Request, template: str, status: int = 200, known: dict | None = None, **ctx) -> Response:
         """Render `template` with the nav's progress per queue; `known`: {queue: latest decisions}
         this request has read already (each reviews file is read once per page)."""
         sid, session = request.state.sid, request.state.session
         nav = []
-        for name, q in queues.items():
+        for name, q in self.queues.items():
             done, total = q.progress(known[name] if known and name in known else q.state()[0])
             nav.append({"name": name, "title": q.title, "done": done, "total": total, "missing": q.missing})
         flash, session["flash"] = session["flash"], []
-        return templates.TemplateResponse(request, template, {
-            "nav": nav, "reviewer": session["reviewer"], "csrf": sessions.csrf(sid), "flash": flash, **ctx}, status_code=status)
+        return self.templates.TemplateResponse(request, template, {
+            "nav": nav, "reviewer": session["reviewer"], "csrf": self.sessions.csrf(sid), "flash": flash, **ctx}, status_code=status)
 
-    def check_csrf(request: Request, form) -> None:
-        origin = request.headers.get("origin")
-        if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host')}":
-            raise PermissionError("cross-origin POST refused")
-        if not hmac.compare_digest(str(form.get("csrf", "")), sessions.csrf(request.state.sid)):
-            raise PermissionError("CSRF check failed: reload the page and try again")
+    def login_page(self, request: Request, next_: str, error: str | None = None, status: int = 200) -> Response:
+        return self.templates.TemplateResponse(request, "login.html", {
+            "csrf": self.sessions.csrf(request.state.sid), "next": _safe_next(next_), "needs_token": bool(self.token),
+            "error": error, "reviewer": None if error else request.state.session["reviewer"], "nav": None, "flash": []},
+            status_code=status)
 
-    def item_page(request: Request, q: Queue, n: int, status: int = 200, error: str | None = None, form=None) -> Response:
+    def item_page(self, request: Request, q: Queue, n: int, status: int = 200, error: str | None = None, form=None) -> Response:
         latest, history = q.state()
         item = q.items[n - 1]
         hist = history.get(item["item_id"], [])
-        return page(request, f"{q.name}.html", status, {q.name: latest}, queue=q, n=n, item=item,
-                    current=hist[-1] if hist else None, history=hist, seen=len(hist), error=error, form=form, done=q.progress(latest)[0],
-                    prev=n - 1 if n > 1 else None, next=n + 1 if n < len(q.items) else None)
+        return self.page(request, f"{q.name}.html", status, {q.name: latest}, queue=q, n=n, item=item,
+                         current=hist[-1] if hist else None, history=hist, seen=len(hist), error=error, form=form,
+                         done=q.progress(latest)[0], prev=n - 1 if n > 1 else None, next=n + 1 if n < len(q.items) else None)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        sid = request.cookies.get(COOKIE)
-        session = sessions.get(sid)
-        fresh = None
-        if path.startswith("/static/"):
-            response = await call_next(request)
-        elif path == "/login":
-            if session is None:  # a pre-sign-in session, so that the sign-in form has a CSRF token too
-                fresh = sid = sessions.new()
-                session = sessions.get(sid)
-            request.state.sid, request.state.session = sid, session
-            response = await call_next(request)
-        elif session is None or not session["reviewer"]:
-            response = (RedirectResponse(f"/login?next={quote(path)}", 303) if request.method == "GET"
-                        else PlainTextResponse("sign in first", 403))
-        else:
-            request.state.sid, request.state.session = sid, session
-            response = await call_next(request)
-        for k, v in HEADERS.items():
-            response.headers.setdefault(k, v)
-        if fresh:
-            _set_cookie(response, fresh)
-        return response
+
+# ---------------------------------------------------------------------------------------------
+# Dependencies
+
+
+def review_app(request: Request) -> ReviewApp:
+    return request.app.state.review
+
+
+def any_session(request: Request, ra: ReviewApp = Depends(review_app)) -> dict:
+    """The visitor's session; a new pre-sign-in one (so the sign-in form has a CSRF token too)."""
+    sid = request.cookies.get(COOKIE)
+    session = ra.sessions.get(sid)
+    if session is None:
+        sid = request.state.fresh_sid = ra.sessions.new()
+        session = ra.sessions.get(sid)
+    request.state.sid, request.state.session = sid, session
+    return session
+
+
+def signed_in(request: Request, ra: ReviewApp = Depends(review_app)) -> str:
+    """The signed-in reviewer's name; SignInRequired otherwise."""
+    sid = request.cookies.get(COOKIE)
+    session = ra.sessions.get(sid)
+    if session is None or not session["reviewer"]:
+        raise SignInRequired()
+    request.state.sid, request.state.session = sid, session
+    return session["reviewer"]
+
+
+async def csrf_form(request: Request, ra: ReviewApp = Depends(review_app)):
+    """The POSTed form, once its Origin and CSRF token are checked (PermissionError -> 403)."""
+    form = await request.form()
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host')}":
+        raise PermissionError("cross-origin POST refused")
+    if not hmac.compare_digest(str(form.get("csrf", "")), ra.sessions.csrf(request.state.sid)):
+        raise PermissionError("CSRF check failed: reload the page and try again")
+    return form
+
+
+def a_queue(queue: str, ra: ReviewApp = Depends(review_app)) -> Queue:
+    q = ra.queues.get(queue)
+    if q is None:
+        raise HTTPException(404, "not found")
+    return q
+
+
+def queue_item(n: int, q: Queue = Depends(a_queue)) -> tuple[Queue, int]:
+    """(queue, position) of an existing item: the one 404 for every item route."""
+    if not 1 <= n <= len(q.items):
+        raise HTTPException(404, "not found")
+    return q, n
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+
+public = APIRouter()
+reviewer = APIRouter(dependencies=[Depends(signed_in)])
+
+
+@public.get("/static/{name}")
+def static(name: str):
+    if name not in STATIC:  # an allow-list: nothing else of the disk is reachable
+        return PlainTextResponse("not found", 404)
+    return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name], headers={"Cache-Control": "max-age=3600"})
+
+
+@public.get("/login", dependencies=[Depends(any_session)])
+def login_form(request: Request, next: str = "/", ra: ReviewApp = Depends(review_app)):
+    return ra.login_page(request, next)
+
+
+@public.post("/login", dependencies=[Depends(any_session)])
+async def login(request: Request, form=Depends(csrf_form), ra: ReviewApp = Depends(review_app)):
+    name = " ".join(str(form.get("reviewer", "")).split())[:NAME_MAX]
+    error = None
+    if ra.token and not hmac.compare_digest(str(form.get("token", "")).encode(), ra.token.encode()):
+        await asyncio.sleep(0.5)  # slows guessing; the token is the only secret here
+        error, status = "That token is not this app's token.", 401
+    elif not name:
+        error, status = "Your name goes on every decision: please enter it.", 400
+    if error:
+        log.warning("review: sign-in refused (%s)", "token" if status == 401 else "no name")
+        return ra.login_page(request, form.get("next"), error, status)
+    ra.sessions.drop(request.state.sid)  # a new id at sign-in: no session fixation
+    response = RedirectResponse(_safe_next(form.get("next")), 303)
+    _set_cookie(response, ra.sessions.new(reviewer=name))
+    log.info("review: a reviewer signed in")
+    return response
+
+
+@reviewer.post("/logout")
+async def logout(request: Request, form=Depends(csrf_form), ra: ReviewApp = Depends(review_app)):
+    ra.sessions.drop(request.state.sid)
+    response = RedirectResponse("/login", 303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@reviewer.get("/")
+def index(request: Request, ra: ReviewApp = Depends(review_app)):
+    return ra.page(request, "index.html")  # the nav's progress is the page
+
+
+@reviewer.get("/summary")
+def summary(request: Request, ra: ReviewApp = Depends(review_app)):
+    rows, known = [], {}
+    for name, q in ra.queues.items():
+        latest, history = q.state()
+        known[name] = latest
+        ids = {it["item_id"] for it in q.items}
+        done, total = q.progress(latest)
+        rows.append({"name": name, "title": q.title, "done": done, "total": total, "counts": q.counts(latest),
+                     "reviewers": Counter(r["reviewer"] for i, r in latest.items() if i in ids),
+                     "changes": sum(len(h) for i, h in history.items() if i in ids) - done})
+    return ra.page(request, "summary.html", known=known, rows=rows, config_args=ra.config_args, workdir=ra.cfg.workdir)
+
+
+@reviewer.post("/expert/merge")
+async def merge_expert(request: Request, form=Depends(csrf_form), ra: ReviewApp = Depends(review_app)):
+    from cmevlm.evaluate.expert import SheetError, import_sheet
+
+    q = ra.queues["expert"]
+    try:
+        import_sheet(ra.cfg, q.log.uri)
+        n = q.progress(q.state()[0])[0]
+        request.state.session["flash"].append(("ok", f"Merged {n} scored items into eval/metrics.json and eval/report.html."))
+        log.info("review: expert scores merged (%d items)", n)
+    except (SheetError, FileNotFoundError, ValueError) as e:
+        request.state.session["flash"].append(("error", f"Could not merge: {e}"))
+    return RedirectResponse("/summary", 303)
+
+
+@reviewer.get("/image/{queue}/{n}")
+def image(qn: tuple[Queue, int] = Depends(queue_item)):
+    q, n = qn
+    png = q.image(n - 1)
+    if not png:
+        return PlainTextResponse("no image for this item", 404)
+    return Response(png, media_type="image/png")
+
+
+@reviewer.get("/{queue}")
+def resume(q: Queue = Depends(a_queue)):
+    n = q.first_undecided(q.state()[0])
+    return RedirectResponse(f"/{q.name}/{n}" if n else f"/{q.name}/done", 303)
+
+
+@reviewer.get("/{queue}/done")
+def queue_done(request: Request, q: Queue = Depends(a_queue), ra: ReviewApp = Depends(review_app)):
+    latest, _ = q.state()
+    return ra.page(request, "done.html", known={q.name: latest}, queue=q, counts=q.counts(latest), done=q.progress(latest)[0])
+
+
+@reviewer.get("/{queue}/{n}")
+def item(request: Request, qn: tuple[Queue, int] = Depends(queue_item), ra: ReviewApp = Depends(review_app)):
+    return ra.item_page(request, *qn)
+
+
+@reviewer.post("/{queue}/{n}")
+async def decide(request: Request, qn: tuple[Queue, int] = Depends(queue_item), form=Depends(csrf_form),
+                 name: str = Depends(signed_in), ra: ReviewApp = Depends(review_app)):
+    q, n = qn
+    item_id = q.items[n - 1]["item_id"]
+    if form.get("item_id") != item_id:
+        return PlainTextResponse("This queue was rebuilt after the page was opened: reload it.", 409)
+    try:
+        saved = q.log.append(_review_from_form(q, form, name))
+    except ValueError as e:
+        return ra.item_page(request, q, n, 400, error=str(e), form=form)
+    latest, history = q.state()
+    done, total = q.progress(latest)
+    log.info("review: %s #%d: %s recorded (%d/%d decided)", q.name, n, saved["decision"], done, total)
+    flash = request.state.session["flash"]
+    flash.append(("ok", f"Saved: {saved['decision']} on item {n}."))
+    seen = int(raw) if (raw := str(form.get("seen") or "0")).isdigit() else 0
+    between = history[item_id][seen:-1]
+    if between:  # another tab or reviewer decided this item after this page was opened
+        who = ", ".join(f"{r['decision']} by {r['reviewer']}" for r in between)
+        flash.append(("warn", f"Item {n} had meanwhile been decided ({who}); yours is now the one in force, "
+                              "and all are kept in its history."))
+    nxt = _next_undecided(q, latest, n)
+    return RedirectResponse(f"/{q.name}/{nxt}" if nxt else f"/{q.name}/done", 303)
+
+
+async def _headers(request: Request, call_next):
+    """Every response: the security headers, and the cookie of a session begun by this request."""
+    response = await call_next(request)
+    for k, v in HEADERS.items():
+        response.headers.setdefault(k, v)
+    if fresh := getattr(request.state, "fresh_sid", None):
+        _set_cookie(response, fresh)
+    return response
+
+
+def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") -> FastAPI:
+    """The app over `cfg.workdir`. `token`: required at sign-in when set. `config_args`: the
+    `--config FILE` the summary page adds to the commands that rebuild the datasets."""
+    app = FastAPI(title="cmevlm review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.review = ReviewApp(cfg, token, config_args)
+    app.state.queues = app.state.review.queues
+    app.middleware("http")(_headers)
+
+    @app.exception_handler(SignInRequired)
+    async def sign_in(request: Request, exc: SignInRequired):
+        if request.method == "GET":
+            return RedirectResponse(f"/login?next={quote(request.url.path)}", 303)
+        return PlainTextResponse("sign in first", 403)
 
     @app.exception_handler(PermissionError)
     async def forbidden(request: Request, exc: PermissionError):
         return PlainTextResponse(str(exc), 403)
 
-    @app.get("/static/{name}")
-    def static(name: str):
-        if name not in STATIC:  # an allow-list: nothing else of the disk is reachable
-            return PlainTextResponse("not found", 404)
-        return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name], headers={"Cache-Control": "max-age=3600"})
+    @app.exception_handler(HTTPException)
+    async def not_found(request: Request, exc: HTTPException):
+        return PlainTextResponse(str(exc.detail), exc.status_code)
 
-    @app.get("/login")
-    def login_form(request: Request, next: str = "/"):
-        return templates.TemplateResponse(request, "login.html", {
-            "csrf": sessions.csrf(request.state.sid), "next": _safe_next(next), "needs_token": bool(token), "error": None,
-            "reviewer": request.state.session["reviewer"], "nav": None, "flash": []})
-
-    @app.post("/login")
-    async def login(request: Request):
-        form = await request.form()
-        check_csrf(request, form)
-        name = " ".join(str(form.get("reviewer", "")).split())[:NAME_MAX]
-        error = None
-        if token and not hmac.compare_digest(str(form.get("token", "")).encode(), token.encode()):
-            await asyncio.sleep(0.5)  # slows guessing; the token is the only secret here
-            error, status = "That token is not this app's token.", 401
-        elif not name:
-            error, status = "Your name goes on every decision: please enter it.", 400
-        if error:
-            log.warning("review: sign-in refused (%s)", "token" if status == 401 else "no name")
-            return templates.TemplateResponse(request, "login.html", {
-                "csrf": sessions.csrf(request.state.sid), "next": _safe_next(form.get("next")), "needs_token": bool(token),
-                "error": error, "reviewer": None, "nav": None, "flash": []}, status_code=status)
-        sessions.drop(request.state.sid)  # a new id at sign-in: no session fixation
-        sid = sessions.new(reviewer=name)
-        response = RedirectResponse(_safe_next(form.get("next")), 303)
-        _set_cookie(response, sid)
-        log.info("review: a reviewer signed in")
-        return response
-
-    @app.post("/logout")
-    async def logout(request: Request):
-        check_csrf(request, await request.form())
-        sessions.drop(request.state.sid)
-        response = RedirectResponse("/login", 303)
-        response.delete_cookie(COOKIE, path="/")
-        return response
-
-    @app.get("/")
-    def index(request: Request):
-        return page(request, "index.html")  # the nav's progress is the page
-
-    @app.get("/summary")
-    def summary(request: Request):
-        rows, known = [], {}
-        for name, q in queues.items():
-            latest, history = q.state()
-            known[name] = latest
-            ids = {it["item_id"] for it in q.items}
-            done, total = q.progress(latest)
-            rows.append({"name": name, "title": q.title, "done": done, "total": total, "counts": q.counts(latest),
-                         "reviewers": Counter(r["reviewer"] for i, r in latest.items() if i in ids),
-                         "changes": sum(len(h) for i, h in history.items() if i in ids) - done})
-        return page(request, "summary.html", known=known, rows=rows, config_args=config_args, workdir=cfg.workdir)
-
-    @app.post("/expert/merge")
-    async def merge_expert(request: Request):
-        check_csrf(request, await request.form())
-        from cmevlm.evaluate.expert import SheetError, import_sheet
-
-        q = queues["expert"]
-        try:
-            import_sheet(cfg, q.log.uri)
-            n = q.progress(q.state()[0])[0]
-            request.state.session["flash"].append(("ok", f"Merged {n} scored items into eval/metrics.json and eval/report.html."))
-            log.info("review: expert scores merged (%d items)", n)
-        except (SheetError, FileNotFoundError, ValueError) as e:
-            request.state.session["flash"].append(("error", f"Could not merge: {e}"))
-        return RedirectResponse("/summary", 303)
-
-    @app.get("/image/{queue}/{n}")
-    def image(queue: str, n: int):
-        q = queues.get(queue)
-        if q is None or not 1 <= n <= len(q.items):
-            return PlainTextResponse("not found", 404)
-        png = q.image(n - 1)
-        if not png:
-            return PlainTextResponse("no image for this item", 404)
-        return Response(png, media_type="image/png")
-
-    @app.get("/{queue}")
-    def resume(queue: str):
-        q = queues.get(queue)
-        if q is None:
-            return PlainTextResponse("not found", 404)
-        n = q.first_undecided(q.state()[0])
-        return RedirectResponse(f"/{queue}/{n}" if n else f"/{queue}/done", 303)
-
-    @app.get("/{queue}/done")
-    def queue_done(request: Request, queue: str):
-        q = queues.get(queue)
-        if q is None:
-            return PlainTextResponse("not found", 404)
-        latest, _ = q.state()
-        return page(request, "done.html", known={q.name: latest}, queue=q, counts=q.counts(latest), done=q.progress(latest)[0])
-
-    @app.get("/{queue}/{n}")
-    def item(request: Request, queue: str, n: int):
-        q = queues.get(queue)
-        if q is None or not 1 <= n <= len(q.items):
-            return PlainTextResponse("not found", 404)
-        return item_page(request, q, n)
-
-    @app.post("/{queue}/{n}")
-    async def decide(request: Request, queue: str, n: int):
-        q = queues.get(queue)
-        if q is None or not 1 <= n <= len(q.items):
-            return PlainTextResponse("not found", 404)
-        form = await request.form()
-        check_csrf(request, form)
-        item_id = q.items[n - 1]["item_id"]
-        if form.get("item_id") != item_id:
-            return PlainTextResponse("This queue was rebuilt after the page was opened: reload it.", 409)
-        try:
-            saved = q.log.append(_review_from_form(q, form, request.state.session["reviewer"]))
-        except ValueError as e:
-            return item_page(request, q, n, 400, error=str(e), form=form)
-        latest, history = q.state()
-        done, total = q.progress(latest)
-        log.info("review: %s #%d: %s recorded (%d/%d decided)", q.name, n, saved["decision"], done, total)
-        flash = request.state.session["flash"]
-        flash.append(("ok", f"Saved: {saved['decision']} on item {n}."))
-        seen = int(raw) if (raw := str(form.get("seen") or "0")).isdigit() else 0
-        between = history[item_id][seen:-1]
-        if between:  # another tab or reviewer decided this item after this page was opened
-            who = ", ".join(f"{r['decision']} by {r['reviewer']}" for r in between)
-            flash.append(("warn", f"Item {n} had meanwhile been decided ({who}); yours is now the one in force, "
-                                  "and all are kept in its history."))
-        nxt = _next_undecided(q, latest, n)
-        return RedirectResponse(f"/{queue}/{nxt}" if nxt else f"/{queue}/done", 303)
-
+    app.include_router(public)
+    app.include_router(reviewer)
     return app
 
 

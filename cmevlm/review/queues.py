@@ -8,24 +8,21 @@ holds that item (the queue was rebuilt).
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 from cmevlm.config import RunConfig
-from cmevlm.evaluate.expert import SHEET, export_sheet, read_sheet
+from cmevlm.evaluate.expert import SHEET, read_sheet
 from cmevlm.reviews import FILES, ReviewLog
-from cmevlm.storage import Storage, join
-
-log = logging.getLogger(__name__)
+from cmevlm.storage import Storage, join, stage_uri
 
 TITLES = {"answers": "Answers", "preferences": "Preferences", "expert": "Expert evaluation"}
 # What writes each queue, for the page shown while it is empty.
 SOURCES = {
     "answers": "review/answers.parquet: written by `cmevlm teach` (items flagged needs_review; `--force` on an older run)",
     "preferences": "review/preferences.parquet: written by `cmevlm prefer` (pairs flagged needs_review; `--force` on an older run)",
-    "expert": f"{SHEET}: written by `cmevlm evaluate --export-expert-sheet` (or at start-up here once eval/ exists)",
+    "expert": f"{SHEET}: written by `cmevlm evaluate --export-expert-sheet` (the demo writes it)",
 }
 
 
@@ -75,8 +72,6 @@ def _parquet_queue(st: Storage, cfg: RunConfig, name: str, uri: str) -> Queue:
 def _expert_queue(st: Storage, cfg: RunConfig) -> Queue:
     reviews = ReviewLog(st, join(cfg.workdir, FILES["expert"][0]), FILES["expert"][1])
     sheet_uri = join(cfg.workdir, SHEET)
-    if not st.exists(sheet_uri) and st.exists(join(cfg.workdir, "eval", "answers.parquet")):
-        log.info("review: exporting the expert sheet from eval/answers.parquet (%d items)", export_sheet(cfg)["items"])
     if not st.exists(sheet_uri):
         return Queue("expert", [], lambda i: b"", reviews, missing=SOURCES["expert"])
     # The sheet holds the blinded answers only; eval/expert_key.json is never read here.
@@ -85,7 +80,7 @@ def _expert_queue(st: Storage, cfg: RunConfig) -> Queue:
     items = [{"item_id": r["item_id"], "structure": r["structure"], "laterality": r["laterality"], "prompt": r["prompt"],
               "answers": {L: r[f"answer_{L}"] for L in letters}} for r in rows]
     wanted = {it["item_id"] for it in items}
-    data = st.read_parquet(join(cfg.workdir, cfg.evaluate.data), columns=["item_id", "images"]).to_pylist()
+    data = st.read_parquet(stage_uri(cfg, cfg.evaluate.data), columns=["item_id", "images"]).to_pylist()
     png = {r["item_id"]: r["images"][0]["bytes"] for r in data if r["item_id"] in wanted}
     return Queue("expert", items, lambda i: png.get(items[i]["item_id"], b""), reviews, letters=letters)
 

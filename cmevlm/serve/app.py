@@ -90,7 +90,7 @@ class VLMServer:
 
     # -- batching ---------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch  # its size and wait come from serve.max_batch_size / batch_wait_timeout_s (set in __init__)
     async def generate_batch(self, jobs: list[Job]) -> list[tuple[str, int, int]]:
         """One generate call per (temperature, top_p, max_tokens) group of the batch."""
         from cmevlm.model.generate import Setting, generate_chat
@@ -185,16 +185,13 @@ class VLMServer:
     @api.post("/v1/explain")
     async def explain(self, request: Request):
         async def handle(body):
-            from cmevlm.rubric import mentioned_structures
-
             t0 = time.time()
             conv, composite = explain_inputs(body, self.cfg)
             p = generation_params({"max_tokens": body.get("max_tokens", self.cfg.serve.default_max_tokens)}, self.cfg)
             (text, n, prompt_tokens), = await self._complete(conv, [composite], p)
             self.m["tokens"].labels("prompt").inc(prompt_tokens)
             self.m["tokens"].labels("completion").inc(n)
-            named = mentioned_structures(text)
-            return {"answer": text, "structure": body.get("structure") or (named[0] if named else None),
+            return {"answer": text, "structure": body.get("structure"),
                     "laterality": body.get("laterality"), "model": self.cfg.serve.name, "latency_ms": round(1000 * (time.time() - t0), 1)}
 
         return await self._guarded(request, "explain", handle)

@@ -106,7 +106,7 @@ def chat_conversation(body: dict, cfg: RunConfig) -> tuple[list[dict], list[Imag
 def explain_inputs(body: dict, cfg: RunConfig) -> tuple[list[dict], Image.Image]:
     """/v1/explain: frame + mask -> the composite the model was trained on, and the question."""
     from cmevlm.data.composite import BadInput, build_composite, decode_mask
-    from cmevlm.teacher.prompts import TEMPLATES
+    from cmevlm.instructions import TEMPLATES
 
     for key in ("frame", "mask"):
         if not isinstance(body.get(key), str):

@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from cmevlm.config import TeacherConfig
+from cmevlm.config import LLMConfig
+from cmevlm.errors import ConfigError
 from cmevlm.teacher.payload import Payload
 
 RETRY_CODES = [408, 429, 500, 502, 503, 504]
@@ -61,13 +62,13 @@ class GeminiBackend:
 
     name = "gemini"
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: LLMConfig):
         from google import genai
         from google.genai import types
 
         key = os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
         if not key:
-            raise ValueError("teacher.backend=gemini needs GEMINI_API_KEY in the environment")
+            raise ConfigError("teacher.backend=gemini needs GEMINI_API_KEY in the environment")
         self.cfg, self.types = cfg, types
         http = types.HttpOptions(
             base_url=cfg.base_url,
@@ -136,7 +137,7 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: LLMConfig):
         from openai import OpenAI
 
         self.cfg = cfg
@@ -170,7 +171,7 @@ class OfflineBackend:
 
     name = "offline"
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: LLMConfig):
         self.cfg = cfg
 
     def send(self, payload: Payload, schema: type[BaseModel]) -> Reply:
@@ -180,5 +181,5 @@ class OfflineBackend:
         return Reply(text, len(payload.text.split()), len(text.split()))
 
 
-def make_backend(cfg: TeacherConfig):
+def make_backend(cfg: LLMConfig):
     return {"gemini": GeminiBackend, "openai": OpenAIBackend, "offline": OfflineBackend}[cfg.backend](cfg)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from cmevlm.config import StorageConfig, TeacherConfig
+from cmevlm.config import LLMConfig, StorageConfig
 from cmevlm.storage import Storage, is_s3, join
 from cmevlm.teacher.backends import make_backend
 from cmevlm.teacher.payload import Payload, PrivacyViolation, guard
@@ -91,7 +91,7 @@ def merge_audit(storage: Storage, uri: str) -> int:
 
 
 class TeacherClient:
-    def __init__(self, cfg: TeacherConfig, workdir: str, storage: StorageConfig | None = None, wait=None, backend=None,
+    def __init__(self, cfg: LLMConfig, workdir: str, storage: StorageConfig | None = None, wait=None, backend=None,
                  cache_dir: str = "teacher/cache", audit_file: str = "teacher/audit.jsonl"):
         self.cfg = cfg
         self.storage = Storage(storage)

@@ -1,7 +1,9 @@
 """The offline teacher: expert answers composed from `cmevlm/anatomy.py`, no network.
 
-It is a stand-in for a real teacher, for demos and tests, and not a clinical source. It reads
-only the payload text (the same text a cloud LLM gets) and varies its phrasing per item, so the
+It is a stand-in for a real teacher, for demos and tests, and not a clinical source. It answers
+from the payload's `facts` (structure, side, phase, region, template; for the judges the
+answers and the ground truth): the same things its text says to a cloud LLM, as data, so
+nothing here depends on how the prompts are worded. It varies its phrasing per item, so the
 answers to different templates do not all read alike.
 """
 
@@ -9,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 
 from pydantic import BaseModel
 
 from cmevlm.anatomy import STRUCTURES
+from cmevlm.instructions import TEMPLATE_BY_ID, TEMPLATES
 from cmevlm.teacher.payload import Payload
-from cmevlm.teacher.prompts import TEMPLATES
+from cmevlm.teacher.prompts import phase_words
 
 OPENERS = (
     "The highlighted structure is the {name} in this {side} CME.",
@@ -24,20 +26,15 @@ OPENERS = (
 )
 
 
-def _field(text: str, label: str) -> str:
-    m = re.search(rf"^{re.escape(label)}:\s*(.+?)\.?$", text, re.M)
-    return m.group(1).strip() if m else ""
-
-
 def _pick(options, key: str, salt: str):
     h = int.from_bytes(hashlib.sha256(f"{salt}|{key}".encode()).digest()[:4], "big")
     return options[h % len(options)]
 
 
-def compose_answer(structure: str, side: str, phase: str, region: str, template_text: str, key: str) -> str:
+def compose_answer(structure: str, side: str, phase: str, region: str, template_id: str, key: str) -> str:
     """An expert answer covering the template's aspects, phrased per `key`."""
     s = STRUCTURES[structure]
-    template = next((t for t in TEMPLATES if t.text == template_text), TEMPLATES[0])
+    template = TEMPLATE_BY_ID.get(template_id, TEMPLATES[0])
     sentences = [_pick(OPENERS, key, "open").format(name=s.display, side=side)]
     for aspect in template.aspects:
         if aspect == "what":
@@ -61,46 +58,37 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _structure_from(text: str) -> str:
-    name = _field(text, "Highlighted structure").lower()
-    for s in STRUCTURES.values():
-        if name in (s.display.lower(), s.name):
-            return s.name
-    raise ValueError(f"offline teacher: no knowledge of structure {name!r}")
+def _structure(facts: dict) -> str:
+    if facts.get("structure") not in STRUCTURES:
+        raise ValueError(f"offline teacher: no knowledge of structure {facts.get('structure')!r}")
+    return facts["structure"]
 
 
 def respond(payload: Payload, schema: type[BaseModel]) -> str:
     """JSON text answering `payload` in the shape of `schema`."""
-    text = payload.text
+    facts = payload.facts
     if schema.__name__ == "TeacherAnswer":
-        side = _field(text, "Side").replace(" CME", "") or "unspecified"
-        region = re.search(r"centred in the (.+?) part", text)
-        instruction = re.search(r'Instruction the model receives with the frame: "(.+?)"', text)
-        answer = compose_answer(
-            _structure_from(text), side, _field(text, "Surgical phase"), region.group(1) if region else "",
-            instruction.group(1) if instruction else "", key=payload.item_id,
-        )
+        side = facts.get("side") if facts.get("side") in ("left", "right") else "unspecified"
+        answer = compose_answer(_structure(facts), side, phase_words(facts.get("phase") or ""), facts.get("region") or "",
+                                facts.get("template_id") or "", key=payload.item_id)
         return json.dumps({"answer": answer})
     if schema.__name__ == "Verdict":
-        return json.dumps(judge_verdict(text))
+        return json.dumps(judge_verdict(facts))
     if schema.__name__ == "JudgeScore":
-        return json.dumps(judge_score(text))
+        return json.dumps(judge_score(facts))
     raise ValueError(f"offline backend cannot answer schema {schema.__name__}")
 
 
-def judge_verdict(text: str) -> dict:
+def judge_verdict(facts: dict) -> dict:
     """The rubric judge: score the ground truth and A-E; accept the best (earlier letter on a
     tie, the ground truth only if it beats every answer), reject the worst answer (later
     letter on a tie)."""
     from cmevlm.rubric import rubric_score
 
-    structure = _structure_from(text)
-    side = _field(text, "Side").replace(" CME", "")
-    answers = dict(re.findall(r'^Answer ([A-E]): "(.*)"$', text, re.M))
-    gt = re.search(r'^Ground truth: "(.*)"$', text, re.M)
-    scores = {k: rubric_score(v, structure, side) for k, v in sorted(answers.items())}
+    structure, side = _structure(facts), facts.get("side", "")
+    scores = {k: rubric_score(v, structure, side) for k, v in sorted(facts["answers"].items())}
     best = max(scores, key=lambda k: (scores[k], -ord(k)))
-    gt_score = rubric_score(gt.group(1), structure, side) if gt else -1
+    gt_score = rubric_score(facts["ground_truth"], structure, side) if facts.get("ground_truth") is not None else -1
     accepted = "ground_truth" if gt_score > scores[best] else best
     rejected = min(scores, key=lambda k: (scores[k], -ord(k)))
     if rejected == accepted:  # every answer scored the same
@@ -109,20 +97,13 @@ def judge_verdict(text: str) -> dict:
             "reason": f"rubric scores {scores}, ground truth {gt_score}: accepted {accepted}, rejected {rejected}"}
 
 
-def judge_score(text: str) -> dict:
+def judge_score(facts: dict) -> dict:
     """The rubric grader: accuracy from identification, side and significance; conciseness
     from length and repetition."""
-    from cmevlm.rubric import identifies, laterality_error, mentions_significance, repetition_rate, stated_side
+    from cmevlm.rubric import identifies, mentions_significance, repetition_rate, stated_side
 
-    structure = _structure_from(text)
-    side = _field(text, "Side").replace(" CME", "")
-    m = re.search(r'^Answer: "(.*)"$', text, re.M)
-    answer = m.group(1) if m else ""
-    acc = 1
-    if identifies(answer, structure):
-        acc = 3 + (stated_side(answer) == side) + mentions_significance(answer, structure)
-    elif laterality_error(answer, side):
-        acc = 1
+    structure, side, answer = _structure(facts), facts.get("side", ""), facts.get("answer", "")
+    acc = 3 + (stated_side(answer) == side) + mentions_significance(answer, structure) if identifies(answer, structure) else 1
     n = len(answer.split())
     conc = 5 if 8 <= n <= 60 else 4 if 4 <= n <= 90 else 2
     conc = max(1, conc - int(round(repetition_rate(answer) * 10)))

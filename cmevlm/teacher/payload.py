@@ -44,6 +44,9 @@ class Payload:
     parts: tuple[Part, ...]
     expected_mask_sha256: str | None = None  # hash of the one mask this item may send
     params: dict = field(default_factory=dict)  # generation parameters (temperature, max tokens)
+    # What the text says, as data (structure, side, ...), for the offline stand-in teacher and
+    # judge. Never sent and never audited: real backends send the system prompt and the parts.
+    facts: dict = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -66,7 +69,8 @@ def mask_for_teacher(mask_png: bytes, mask_size: int) -> bytes:
     return encode_png(arr.astype(np.uint8) * 255, compress_level=9)
 
 
-def build_payload(item_id: str, system: str, text: str, mask_png: bytes | None, mask_size: int, params: dict | None = None) -> Payload:
+def build_payload(item_id: str, system: str, text: str, mask_png: bytes | None, mask_size: int, params: dict | None = None,
+                  facts: dict | None = None) -> Payload:
     """A payload of one text part and, when `mask_png` (the item's own mask from `frames/`)
     is given, that mask as a binary PNG."""
     parts = [Part("text", text=text)]
@@ -75,7 +79,8 @@ def build_payload(item_id: str, system: str, text: str, mask_png: bytes | None, 
         data = mask_for_teacher(mask_png, mask_size)
         parts.append(Part("mask", data=data))
         expected = hashlib.sha256(data).hexdigest()
-    return Payload(item_id=item_id, system=system, parts=tuple(parts), expected_mask_sha256=expected, params=dict(params or {}))
+    return Payload(item_id=item_id, system=system, parts=tuple(parts), expected_mask_sha256=expected, params=dict(params or {}),
+                   facts=dict(facts or {}))
 
 
 def guard(payload: Payload, mask_size: int) -> None:

@@ -9,9 +9,12 @@ cost_usd, cached, requests}`; an error is for the stage to quarantine.
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
-from cmevlm.config import RunConfig, TeacherConfig
+from cmevlm.config import LLMConfig, RunConfig
+from cmevlm.errors import ConfigError
 from cmevlm.storage import join
 from cmevlm.teacher.client import TeacherClient, TeacherFailed
 from cmevlm.teacher.payload import PrivacyViolation, build_payload
@@ -23,12 +26,15 @@ RESULT_SCHEMA = pa.schema([
 ])
 
 
-def request(item_id: str, system: str, text: str, mask: bytes | None = None, **params) -> dict:
-    return {"item_id": item_id, "system": system, "text": text, "mask": mask, "params": params}
+def request(item_id: str, system: str, text: str, mask: bytes | None = None, facts: dict | None = None, **params) -> dict:
+    """One request as a row for Ray Data; `facts` (what the text says, as data, for the offline
+    backend) travel as JSON so every row has the same columns."""
+    return {"item_id": item_id, "system": system, "text": text, "mask": mask, "params": params, "facts": json.dumps(facts or {})}
 
 
-def _payload(req: dict, tcfg: TeacherConfig):
-    return build_payload(req["item_id"], req["system"], req["text"], req["mask"], tcfg.mask_size, req["params"])
+def _payload(req: dict, tcfg: LLMConfig):
+    return build_payload(req["item_id"], req["system"], req["text"], req["mask"], tcfg.mask_size, req["params"],
+                         json.loads(req.get("facts") or "{}"))
 
 
 def result_row(item_id: str, outcome) -> dict:
@@ -74,7 +80,7 @@ def ask_all(cfg: RunConfig, section: str, requests: list[dict], schema) -> list[
     section of the LLM (`teacher` or `judge`)."""
     if not requests:
         return []
-    tcfg: TeacherConfig = getattr(cfg, section)
+    tcfg: LLMConfig = getattr(cfg, section)
     if tcfg.batch:
         return _ask_batched(cfg, tcfg, requests, schema)
     from cmevlm.cluster import connect
@@ -96,10 +102,10 @@ def ask_all(cfg: RunConfig, section: str, requests: list[dict], schema) -> list[
     return [by_id[r["item_id"]] for r in requests]
 
 
-def _ask_batched(cfg: RunConfig, tcfg: TeacherConfig, requests: list[dict], schema) -> list[dict]:
+def _ask_batched(cfg: RunConfig, tcfg: LLMConfig, requests: list[dict], schema) -> list[dict]:
     """The Gemini Batch API from the driver: jobs of `batch_max_requests` requests."""
     if tcfg.backend != "gemini":
-        raise ValueError("batch mode needs backend=gemini")
+        raise ConfigError("batch mode needs backend=gemini")
     client = TeacherClient(tcfg, cfg.workdir, cfg.storage)
     results, n = [], tcfg.batch_max_requests
     for i in range(0, len(requests), n):

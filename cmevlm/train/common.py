@@ -118,32 +118,40 @@ def load_dataset(storage: Storage, uri: str, image_columns=("images",)):
 # Inside a worker
 
 
-class MetricsCallback:
-    """Per logging step: loss, lr, grad norm, samples/s and tokens/s (rank 0 keeps them)."""
+def init_distributed(t: _Training) -> None:
+    """ZeRO-3 partitions weights as they load (zero.Init): the process group must exist first."""
+    if t.zero_stage == 3:
+        import deepspeed
 
-    def __new__(cls, examples_per_step: int):
-        from transformers import TrainerCallback
+        deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
 
-        class _Metrics(TrainerCallback):
-            def __init__(self):
-                self.rows, self.last_time, self.last_step, self.last_tokens = [], time.time(), 0, 0
 
-            def on_log(self, args, state, control, logs=None, **kw):
-                if not logs or "loss" not in logs:
-                    return
-                now = time.time()
-                dt, steps = max(now - self.last_time, 1e-9), state.global_step - self.last_step
-                tokens = logs.get("num_tokens", 0) or 0
-                self.rows.append({
-                    "step": state.global_step, "loss": logs.get("loss"), "lr": logs.get("learning_rate"),
-                    "grad_norm": logs.get("grad_norm"), "samples_per_s": steps * examples_per_step / dt,
-                    "tokens_per_s": (tokens - self.last_tokens) / dt if tokens else None,
-                    **{k: v for k, v in logs.items() if k.startswith("rewards/") or k in ("logps/chosen", "logps/rejected")},
-                    **_gpu_memory(),
-                })
-                self.last_time, self.last_step, self.last_tokens = now, state.global_step, tokens
+def load_trainable(cfg: RunConfig, t: _Training, uri: str, policy: str):
+    """(model, processor, parameter counts) for training: the one loading helper in the
+    training dtype, right padding, the freeze policy applied."""
+    from cmevlm.model.loading import load
+    from cmevlm.train.freeze import apply_freeze
 
-        return _Metrics()
+    model, processor = load(cfg, uri, dtype=train_dtype(t), device="cpu")
+    processor.tokenizer.padding_side = "right"  # training pads right; generation pads left
+    return model, processor, apply_freeze(model, policy)
+
+
+def train_and_report(trainer, t: _Training, what: str, counts: dict, scratch: str) -> None:
+    """Inside a worker: per-step metrics, Ray Train's reporting, resume from the last
+    checkpoint, train, and report the final model."""
+    import ray.train
+    from ray.train.huggingface.transformers import prepare_trainer
+
+    from cmevlm.train.callbacks import MetricsCallback
+
+    metrics = MetricsCallback(t.per_device_batch_size * grad_accumulation(t) * t.num_workers)
+    attach_callbacks(trainer, metrics)
+    trainer = prepare_trainer(trainer)
+    if ray.train.get_context().get_world_rank() == 0:
+        log.info("%s: %d rows, trainable parameters %s", what, len(trainer.train_dataset), json.dumps(counts))
+    trainer.train(resume_from_checkpoint=resume_dir(scratch))
+    report_final(trainer, metrics.rows, {"parameters": counts}, scratch)
 
 
 def attach_callbacks(trainer, metrics) -> None:
@@ -155,14 +163,6 @@ def attach_callbacks(trainer, metrics) -> None:
     trainer.add_callback(RayTrainReportCallback())
     trainer.add_callback(metrics)
     trainer.remove_callback(PrinterCallback)
-
-
-def _gpu_memory() -> dict:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {}
-    return {"gpu_peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def resume_dir(scratch: str) -> str | None:

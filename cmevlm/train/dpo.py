@@ -11,13 +11,13 @@ loss is then ln 2 = 0.6931 (policy = reference).
 
 from __future__ import annotations
 
-import json
 import logging
 
 from cmevlm.config import RunConfig
+from cmevlm.errors import MissingInput
 from cmevlm.storage import Storage, stage_uri
 from cmevlm.train import common
-from cmevlm.train.freeze import COMPONENTS, apply_freeze, trainable
+from cmevlm.train.freeze import COMPONENTS, trainable
 
 log = logging.getLogger(__name__)
 
@@ -26,31 +26,18 @@ def train_loop(config: dict) -> None:
     """One Ray Train worker: build, (resume,) train, report the final model."""
     cfg = RunConfig.model_validate_json(config["cfg"])
     t = cfg.dpo
-    if t.zero_stage == 3:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
-    import ray.train
-    from ray.train.huggingface.transformers import prepare_trainer
+    common.init_distributed(t)
     from trl import DPOConfig, DPOTrainer
 
-    from cmevlm.model.loading import load, local_model_dir
+    from cmevlm.model.loading import local_model_dir
 
     scratch = common.scratch_dir("dpo")
     args = DPOConfig(**common.trainer_kwargs(t, scratch), beta=t.beta, loss_type=[t.loss_type], max_length=t.max_length)
     policy_dir = str(local_model_dir(config["policy"], cfg.storage))  # TRL reloads the reference from it
-    model, processor = load(cfg, policy_dir, dtype=common.train_dtype(t), device="cpu")
-    processor.tokenizer.padding_side = "right"
-    counts = apply_freeze(model, config["freeze"])
+    model, processor, counts = common.load_trainable(cfg, t, policy_dir, config["freeze"])
     dataset = common.load_dataset(Storage(cfg.storage), config["data"])
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=processor)
-    metrics = common.MetricsCallback(t.per_device_batch_size * common.grad_accumulation(t) * t.num_workers)
-    common.attach_callbacks(trainer, metrics)
-    trainer = prepare_trainer(trainer)
-    if ray.train.get_context().get_world_rank() == 0:
-        log.info("dpo: %d pairs, trainable parameters %s", len(dataset), json.dumps(counts))
-    trainer.train(resume_from_checkpoint=common.resume_dir(scratch))
-    common.report_final(trainer, metrics.rows, {"parameters": counts}, scratch)
+    common.train_and_report(trainer, t, "dpo", counts, scratch)
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
@@ -63,7 +50,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         return {**st.read_manifest(out), "skipped": True}
     for need, what in ((data, "the prefer stage's preferences"), (policy, "the SFT model")):
         if not st.is_complete(need):
-            raise FileNotFoundError(f"dpo needs {what} at {need}")
+            raise MissingInput(f"dpo needs {what} at {need}")
     freeze = t.freeze or "dpo"
     result = common.fit(cfg, t, "dpo", train_loop, {"cfg": cfg.model_dump_json(), "policy": policy, "data": data, "freeze": freeze})
     frozen = {c for c in COMPONENTS if not trainable(freeze, c)}

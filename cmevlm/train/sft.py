@@ -14,13 +14,13 @@ The result is exported to `<workdir>/models/sft/` in Hugging Face format.
 
 from __future__ import annotations
 
-import json
 import logging
 
 from cmevlm.config import RunConfig
+from cmevlm.errors import MissingInput
 from cmevlm.storage import Storage, join, stage_uri
 from cmevlm.train import common
-from cmevlm.train.freeze import COMPONENTS, apply_freeze, trainable
+from cmevlm.train.freeze import COMPONENTS, trainable
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +29,15 @@ def train_loop(config: dict) -> None:
     """One Ray Train worker: build, (resume,) train, report the final model."""
     cfg = RunConfig.model_validate_json(config["cfg"])
     t = cfg.sft
-    if t.zero_stage == 3:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")  # before zero.Init sees the world
-    import ray.train
-    from ray.train.huggingface.transformers import prepare_trainer
+    common.init_distributed(t)
     from trl import SFTConfig, SFTTrainer
-
-    from cmevlm.model.loading import load
 
     scratch = common.scratch_dir("sft")
     args = SFTConfig(**common.trainer_kwargs(t, scratch), max_length=t.max_length, assistant_only_loss=True)
-    model, processor = load(cfg, config["base"], dtype=common.train_dtype(t), device="cpu")
-    processor.tokenizer.padding_side = "right"  # training pads right; generation pads left
-    counts = apply_freeze(model, config["freeze"])
+    model, processor, counts = common.load_trainable(cfg, t, config["base"], config["freeze"])
     dataset = common.load_dataset(Storage(cfg.storage), config["data"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
-    metrics = common.MetricsCallback(t.per_device_batch_size * common.grad_accumulation(t) * t.num_workers)
-    common.attach_callbacks(trainer, metrics)
-    trainer = prepare_trainer(trainer)
-    if ray.train.get_context().get_world_rank() == 0:
-        log.info("sft: %d examples, trainable parameters %s", len(dataset), json.dumps(counts))
-    trainer.train(resume_from_checkpoint=common.resume_dir(scratch))
-    common.report_final(trainer, metrics.rows, {"parameters": counts}, scratch)
+    common.train_and_report(trainer, t, "sft", counts, scratch)
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
@@ -64,7 +49,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         log.info("sft: %s is complete, skipped", out)
         return {**st.read_manifest(out), "skipped": True}
     if not st.is_complete(join(cfg.workdir, "sft")) and data == join(cfg.workdir, "sft/train"):
-        raise FileNotFoundError(f"sft needs the teach stage's dataset at {data} (run `cmevlm teach`)")
+        raise MissingInput(f"sft needs the teach stage's dataset at {data} (run `cmevlm teach`)")
     policy = t.freeze or "sft"
     base = cfg.model.base
     result = common.fit(cfg, t, "sft", train_loop, {"cfg": cfg.model_dump_json(), "base": base, "data": data, "freeze": policy})
