@@ -143,8 +143,13 @@ def cmd_evaluate(args) -> int:
         for m, v in result.items():
             print(f"expert: {m}: score {v['score']['mean']} ± {v['score']['std']} (n={v['n']}), preferred {v['preferred']}")
         return 0
+    if args.allow_missing:
+        cfg.evaluate.allow_missing = True
     m = evaluation.run(cfg, force=args.force)
     print(report.summary_text(m))
+    print(report.tests_text(m))
+    if report.left_out_text(m):
+        print(report.left_out_text(m))
     print(f"report: {cfg.workdir}/eval/report.html")
     if args.export_expert_sheet:
         s = expert.export_sheet(cfg)
@@ -154,11 +159,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_serve(args) -> int:
     from cmevlm.serve import app
+    from cmevlm.serve.requests import check_bind
+    from cmevlm.storage import Storage, stage_uri
 
     cfg = _load(args)
-    from cmevlm.storage import Storage
-    from cmevlm.storage import stage_uri
-
+    check_bind(cfg)  # a non-loopback bind without keys: a message, exit 2
     model = stage_uri(cfg, cfg.serve.model)
     if not Storage(cfg.storage).exists(model.rstrip("/") + "/config.json"):
         raise MissingInput(f"no model to serve at {model} (set serve.model)")
@@ -173,7 +178,8 @@ def cmd_review(args) -> int:
     cfg = _load(args)
     token = app.resolve_token(args.host, args.token)
     print(f"reviewing {cfg.workdir} on http://{args.host}:{args.port}/{' (token required)' if token else ''} (Ctrl-C stops)", flush=True)
-    app.run(cfg, host=args.host, port=args.port, token=token, config_args=f" --config {args.config}" if args.config else "")
+    app.run(cfg, host=args.host, port=args.port, token=token, config_args=f" --config {args.config}" if args.config else "",
+            idle_minutes=args.idle_minutes, https=args.https)
     return 0
 
 
@@ -319,6 +325,8 @@ def _stage_commands(sub) -> None:
         if stage == "evaluate":
             p.add_argument("--export-expert-sheet", action="store_true", help="also write eval/expert_sheet.{csv,html} for a surgeon")
             p.add_argument("--import-expert-sheet", metavar="FILE", help="validate a filled expert sheet and merge it into the report")
+            p.add_argument("--allow-missing", action="store_true",
+                           help="write the report even when a model of the previous report is missing now (the report names it)")
 
 
 
@@ -341,7 +349,10 @@ def _service_commands(sub) -> None:
     _config_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8090, help="HTTP port (default 8090)")
-    p.add_argument("--token", default=None, help="access token asked at sign-in (default $CMEVLM_REVIEW_TOKEN); required off 127.0.0.1")
+    p.add_argument("--token", default=None, help="access token asked at sign-in (default $CMEVLM_REVIEW_TOKEN); required off "
+                   "127.0.0.1, at least 16 characters")
+    p.add_argument("--idle-minutes", type=float, default=30, help="a session unused this long ends (default 30)")
+    p.add_argument("--https", action="store_true", help="the app is reached over HTTPS (e.g. behind the hospital's proxy): Secure cookies")
     p.set_defaults(func=cmd_review)
 
 

@@ -102,6 +102,7 @@ class IngestConfig(_Section):
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of written PNGs (1 is ~4x faster than 6 for ~10 % more bytes).")
     rows_per_shard: int = Field(256, ge=1, description="Upper bound of rows per Parquet shard.")
     binarize_multivalue_masks: bool = Field(False, description="Binarise masks with more than two values by >0 instead of quarantining them.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Frames and masks with more pixels are quarantined from their header, never decoded (8K is 33 Mpx).")
 
 
 class LLMConfig(_Section):
@@ -254,6 +255,7 @@ class EvaluateConfig(_Section):
     judge_accuracy_weight: float = Field(0.8, ge=0, description="Weight of clinical/factual accuracy in the judge composite.")
     judge_conciseness_weight: float = Field(0.2, ge=0, description="Weight of conciseness in the judge composite.")
     expert_n: int = Field(40, ge=1, description="Items on the expert sheet.")
+    allow_missing: bool = Field(False, description="Write the report even when a model of the previous report is missing now (it names what it left out); off: stop with a message.")
     report_examples: int = Field(8, ge=0, description="Items shown with image and answers in the report.")
 
 
@@ -265,9 +267,13 @@ class ServeConfig(_Section):
     name: str = Field("cmevlm", description="Model name reported by /v1/models and in responses.")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 only behind the cluster's ingress and NetworkPolicy.")
     port: int = Field(8000, ge=1, le=65535)
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = CMEVLM_API_KEYS (comma-separated) or no auth.")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = CMEVLM_API_KEYS (comma-separated); none at all is allowed only on 127.0.0.1.")
     max_body_bytes: int = Field(10 * 2**20, ge=1024, description="Larger request bodies get 413.")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Larger images get 400.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Larger images get 400 (read from the header, before decoding).")
+    max_images_per_request: int = Field(1, ge=1, description="Images in one chat request (the model was trained on one).")
+    max_model_len: int = Field(4096, ge=16, description="Prompt tokens + max_tokens of one request; more gets 400 (as vLLM's max_model_len).")
+    public_metrics: bool = Field(False, description="Serve /metrics without a key (for a Prometheus inside the NetworkPolicy).")
+    docs: bool = Field(False, description="Serve /openapi.json and /docs (behind the API key).")
     max_tokens_cap: int = Field(512, ge=1, description="Upper bound of max_tokens.")
     default_max_tokens: int = Field(128, ge=1)
     max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call (@serve.batch).")
@@ -275,6 +281,9 @@ class ServeConfig(_Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(4, gt=0, description="Autoscaling target per replica.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Seconds the load must stay above target before Serve adds a replica.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds the load must stay below target before Serve removes a replica.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Seconds of load Serve averages for each autoscaling decision.")
     num_cpus_per_replica: float = Field(1, gt=0)
     num_gpus_per_replica: float = Field(0, ge=0, description="1 on the RTX 4090 pool.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type of the serving pool, e.g. RTX (KubeRay label).")
@@ -284,7 +293,7 @@ class ServeConfig(_Section):
 class ModelConfig(_Section):
     """The base model, how every stage loads it, and how trained models are exported."""
 
-    base: str = Field("runs/demo/models/base", description="Local path or s3:// prefix of a Hugging Face Qwen2.5-VL directory.")
+    base: str = Field("models/base", description="Local path or s3:// prefix of a Hugging Face Qwen2.5-VL directory; relative = under the workdir, like every stage path.")
     config_json: str | None = Field(None, description="The model's config.json that `cmevlm plan` sizes (no weights needed; a relative path is looked up in the current directory, then in this repository); None = <model.base>/config.json.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field("sdpa", description="Attention kernels of every load; flash_attention_2 needs the flash-attn package (GPU image).")
     export_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of exported models' weights (config.json says so); bf16 halves a 7B from 30.9 to 15.4 GiB.")
@@ -416,9 +425,11 @@ def absolute_uri(uri: str) -> str:
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Resolve relative local paths against the current directory, once, on the driver: Ray
-    workers run in other directories."""
+    """Resolve relative paths once, on the driver (Ray workers run in other directories): the
+    workdir and sources against the current directory, model.base under the workdir."""
     cfg.workdir = absolute_uri(cfg.workdir)
+    if "://" not in cfg.model.base and not Path(cfg.model.base).expanduser().is_absolute():
+        cfg.model.base = cfg.workdir.rstrip("/") + "/" + cfg.model.base  # under the workdir, as stage paths are
     cfg.model.base = absolute_uri(cfg.model.base)
     for s in cfg.sources:
         s.uri = absolute_uri(s.uri)

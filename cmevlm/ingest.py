@@ -49,6 +49,13 @@ WORKER_SCHEMA = ROW_SCHEMA.append(pa.field("reason", pa.string())).append(pa.fie
 # The transform: plain Python, no Ray
 
 
+def failed_frame(record: dict, reason: str) -> list[dict]:
+    """Quarantine rows for every item of a frame that failed as a whole."""
+    base = {k: record[k] for k in ("source_uri", "procedure_id", "site", "laterality", "phase", "frame_id", "split")}
+    return [{**base, "item_id": m["item_id"], "structure": m["structure"], "in_cme_set": m["in_cme_set"],
+             "path": record["frame_uri"], "reason": reason} for m in record["masks"]]
+
+
 def process_frame(record: dict, frame_bytes: bytes | None, mask_bytes: list[bytes | None], cfg: RunConfig) -> list[dict]:
     """One frame record -> one output dict per mask: a composite row, or a `reason`."""
     d, base = cfg.data, {k: record[k] for k in ("source_uri", "procedure_id", "site", "laterality", "phase", "frame_id", "split")}
@@ -56,7 +63,7 @@ def process_frame(record: dict, frame_bytes: bytes | None, mask_bytes: list[byte
     try:
         if frame_bytes is None:
             raise BadInput("cannot read frame file")
-        frame = decode_frame(frame_bytes)
+        frame = decode_frame(frame_bytes, cfg.ingest.max_image_pixels)
     except BadInput as e:
         return [{**o, "reason": str(e), "path": record["frame_uri"]} for o in outs]
     good, masks = [], []
@@ -64,7 +71,7 @@ def process_frame(record: dict, frame_bytes: bytes | None, mask_bytes: list[byte
         try:
             if data is None:
                 raise BadInput("cannot read mask file")
-            masks.append(decode_mask(data, frame.shape[:2], cfg.ingest.binarize_multivalue_masks))
+            masks.append(decode_mask(data, frame.shape[:2], cfg.ingest.binarize_multivalue_masks, cfg.ingest.max_image_pixels))
             good.append(o)
         except BadInput as e:
             o["reason"] = str(e)
@@ -95,7 +102,11 @@ class FrameWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for rec in batch.to_pylist():
-            rows += process_frame(rec, self._read(rec["frame_uri"]), [self._read(m["mask_uri"]) for m in rec["masks"]], self.cfg)
+            try:
+                rows += process_frame(rec, self._read(rec["frame_uri"]), [self._read(m["mask_uri"]) for m in rec["masks"]], self.cfg)
+            except Exception as e:  # noqa: BLE001 - one file never fails the stage: its items are quarantined
+                log.exception("ingest: %s could not be processed", rec["frame_uri"])
+                rows += failed_frame(rec, f"could not be processed: {type(e).__name__}: {e}")
         return pa.Table.from_pylist(rows, schema=WORKER_SCHEMA)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
+import logging
 import time
 
 from cmevlm.errors import BadFile
@@ -26,6 +26,7 @@ FILES = {
     "expert": ("eval/expert_reviews.jsonl", ("score",)),
 }
 SCORES = (1, 2, 3, 4, 5)
+log = logging.getLogger(__name__)
 
 
 def needs_review(item_id: str, fraction: float, seed: int) -> bool:
@@ -48,18 +49,29 @@ def check(r: dict, decisions: tuple[str, ...]) -> None:
             raise ValueError("a score needs one or more preferred answers among the scored letters")
 
 
-def read_history(storage: Storage, uri: str, decisions: tuple[str, ...]) -> list[dict]:
-    """Every review in `uri`, oldest first; a bad line is an error naming its line number."""
-    if not storage.exists(uri):
-        return []
+def read_history(storage: Storage, uri: str, decisions: tuple[str, ...], warnings: list[str] | None = None) -> list[dict]:
+    """Every review in `uri`, oldest first. A last line cut short (a write interrupted before
+    its newline) is skipped with a warning, appended to `warnings` and logged; any other bad
+    line is an error naming its line number."""
+    text = storage.read_appended(uri)
+    lines = text.splitlines()
     history = []
-    for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
-            check(r, decisions)
         except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if n == len(lines) and not text.endswith("\n"):
+                msg = f"{uri}:{n}: a torn last line ({len(line)} bytes, no newline) was skipped: {e}"
+                log.warning("%s", msg)
+                if warnings is not None:
+                    warnings.append(msg)
+                continue
+            raise BadFile(f"{uri}:{n}: {e}") from None
+        try:
+            check(r, decisions)
+        except ValueError as e:
             raise BadFile(f"{uri}:{n}: {e}") from None
         history.append(r)
     return history
@@ -72,21 +84,22 @@ def read_reviews(storage: Storage, uri: str, decisions: tuple[str, ...] = FILES[
 
 class ReviewLog:
     """The one writer of a reviews file: each decision is checked, stamped and appended as one
-    fsync'd line (O_APPEND on local disk, so writers in other threads or processes, e.g. two
-    browser tabs or two app instances, never lose each other's lines)."""
+    fsync'd line (O_APPEND on local disk; on object storage a part object of its own), so
+    writers in other threads or processes, e.g. two browser tabs or two app instances, never
+    lose each other's lines, and a failed write raises instead of leaving a torn line."""
 
     def __init__(self, storage: Storage, uri: str, decisions: tuple[str, ...]):
         self.storage, self.uri, self.decisions = storage, uri, decisions
-        self._lock = threading.Lock()  # object stores have no append: one rewrite at a time
+        self.warnings: list[str] = []  # what the last read skipped (the review app shows it)
 
     def append(self, review: dict) -> dict:
         if not (review.get("reviewer") or "").strip():
             raise ValueError("a review needs the reviewer's name")
         check(review, self.decisions)
         review = {**review, "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with self._lock:
-            self.storage.append_text(self.uri, json.dumps(review, sort_keys=True) + "\n", fsync=True)
+        self.storage.append_text(self.uri, json.dumps(review, sort_keys=True) + "\n", fsync=True)  # whole, or an error
         return review
 
     def history(self) -> list[dict]:
-        return read_history(self.storage, self.uri, self.decisions)
+        self.warnings = []
+        return read_history(self.storage, self.uri, self.decisions, self.warnings)

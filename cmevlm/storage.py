@@ -9,6 +9,7 @@ wrote with its sha256, size and (for Parquet) row count.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -28,6 +29,21 @@ from cmevlm.config import StorageConfig
 from cmevlm.errors import MissingInput
 
 MANIFEST = "manifest.json"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Every byte of `data` to `fd` (O_APPEND), or OSError with the file as it was."""
+    start, done = os.fstat(fd).st_size, 0
+    try:
+        while done < len(data):
+            n = os.write(fd, memoryview(data)[done:])
+            if n <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+            done += n
+    except OSError:
+        if done and os.fstat(fd).st_size == start + done:  # nobody appended meanwhile: take the torn part back
+            os.ftruncate(fd, start)
+        raise
 
 
 def is_s3(uri: str) -> bool:
@@ -126,29 +142,42 @@ class Storage:
         self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def append_text(self, uri: str, text: str, fsync: bool = False) -> None:
-        """Append to a local file in one O_APPEND write (lines from several processes never
-        interleave), or rewrite an object (object stores have no append: one writer only).
-        `fsync`: on local disk, return only once the line (and a new file's name) is on disk."""
+        """Append `text` whole, or raise. On local disk: O_APPEND writes (lines from several
+        processes never interleave), looping over short writes; a write that fails part-way
+        (disk full, file-size limit) is taken back, so no torn line is left and nothing
+        says "saved". `fsync`: return only once the line (and a new file's name) is on disk.
+        On object storage, which has no append, each call writes its own part object beside
+        `uri` (`<uri>.d/<time>-<random>`): concurrent writers never overwrite each other;
+        `read_appended` reads the file and its parts in order."""
         fs, path = self.resolve(uri)
-        if isinstance(fs, pafs.LocalFileSystem):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            created = not os.path.exists(path)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        data = text.encode("utf-8")
+        if not isinstance(fs, pafs.LocalFileSystem):
+            with fs.open_output_stream(f"{path}.d/{time.time_ns():020d}-{uuid.uuid4().hex[:12]}") as f:
+                f.write(data)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if fsync and created:
+            dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
             try:
-                os.write(fd, text.encode("utf-8"))
-                if fsync:
-                    os.fsync(fd)
+                os.fsync(dfd)
             finally:
-                os.close(fd)
-            if fsync and created:
-                dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-        else:
-            old = self.read_bytes(uri) if self.exists(uri) else b""
-            self.write_bytes(uri, old + text.encode("utf-8"))
+                os.close(dfd)
+
+    def read_appended(self, uri: str) -> str:
+        """What `append_text` wrote to `uri`: the file, then its part objects (object storage)
+        in the order they were written; "" when there is nothing."""
+        text = self.read_text(uri) if self.exists(uri) else ""
+        if is_s3(uri):
+            text += "".join(self.read_text(p) for p in self.list_files(uri + ".d"))
+        return text
 
     def list_files(self, uri: str, suffix: str = "") -> list[str]:
         """Every file below `uri` (recursive), as URIs of the same kind, sorted."""

@@ -78,6 +78,7 @@ class FakeLLM:
         self.requests: list[dict] = []
         self.faults: list[str] = []
         self.batches: dict[str, dict] = {}  # name -> {"responses": [...], "polls": n}
+        self.batch_end = "BATCH_STATE_SUCCEEDED"  # or BATCH_STATE_EXPIRED: a job that ends unanswered
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -176,6 +177,8 @@ class FakeLLM:
                 job["polls"] += 1
                 if job["polls"] < 2:  # running at the first poll: the client must wait
                     return self._send(200, {"name": m["name"], "metadata": {"state": "BATCH_STATE_RUNNING"}})
+                if fake.batch_end != "BATCH_STATE_SUCCEEDED":
+                    return self._send(200, {"name": m["name"], "metadata": {"state": fake.batch_end}})
                 return self._send(200, {"name": m["name"], "metadata": {
                     "state": "BATCH_STATE_SUCCEEDED", "output": {"inlinedResponses": {"inlinedResponses": job["responses"]}}}})
 

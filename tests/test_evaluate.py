@@ -60,7 +60,7 @@ def test_evaluate_offline_writes_metrics_report_and_answers(workdir, tiny_model_
     assert m["n_test"] == 10 and set(m["models"]) == {"base", "sft"}  # no dpo model yet: left out
     for s in m["models"].values():
         assert {"bleu4", "bertscore_f1", "judge", "structure_accuracy", "laterality_error_rate"} <= set(s)
-        assert set(s["bleu4"]) == {"mean", "std"}
+        assert set(s["bleu4"]) == {"mean", "std", "n", "ci95"} and s["bleu4"]["n"] == 10 and len(s["bleu4"]["ci95"]) == 2
     assert set(m["tests"]) == {"sft_vs_dpo_judge_p", "base_vs_sft_judge_p"} and m["expert"] is None
     assert m["tests"]["base_vs_sft_judge_p"] == 1.0  # the same weights answer the same
     assert set(m["per_structure"]) <= {"preparation_plane", "angels_hair", "inferior_mesenteric_vein", "duodenum", "pancreas"}
@@ -116,3 +116,38 @@ def test_judge_over_gemini_sees_text_only(workdir, tiny_model_dir):
             assert gemini_images(req["body"]) == []
             assert "Ground truth:" in json.dumps(req["body"])
     assert m["models"]["sft"]["judge"]["mean"] == pytest.approx(0.8 * 4 + 0.2 * 2)
+
+
+def test_p_values_and_intervals_read_as_numbers_or_reasons():
+    from cmevlm.evaluate.metrics import format_p, mean_std_ci, wilcoxon_test
+
+    assert format_p(0.04321) == "0.0432" and format_p(0.0004) == "< 0.001" and format_p(1.0) == "1"
+    assert wilcoxon_test([1.0], [2.0]) == (None, "1 paired item, at least 2 needed")
+    assert format_p(None, "no dpo model in this evaluation") == "not computed (no dpo model in this evaluation)"
+    s = mean_std_ci([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert s["n"] == 10 and s["ci95"][0] < 5.5 < s["ci95"][1] and s == mean_std_ci(list(range(1, 11)))  # seeded
+
+
+def test_a_model_of_the_previous_report_missing_now_stops_evaluate(workdir, tiny_model_dir, tmp_path):
+    """Re-evaluating in another workdir: model.base, relative, resolves under that workdir; a
+    model the last report had and this one lacks stops the stage unless --allow-missing."""
+    from cmevlm.cli import main
+    from cmevlm.errors import MissingInput
+
+    wd = tmp_path / "again"
+    shutil.copytree(workdir, wd)
+    shutil.copytree(tiny_model_dir, wd / "models" / "base")
+    cfg = _cfg(wd, "models/base", "evaluate.limit=4")
+    assert cfg.model.base == f"{wd}/models/base"
+    m = evaluation.run(cfg, force=True)
+    assert set(m["models"]) == {"base", "sft"} and m["models"]["sft"]["n"] == 4 and len(m["models"]["sft"]["judge"]["ci95"]) == 2
+    shutil.rmtree(wd / "models" / "base")
+    with pytest.raises(MissingInput, match="previous report had base .* model.base is resolved under the workdir"):
+        evaluation.run(_cfg(wd, "models/base", "evaluate.limit=4"), force=True)
+    args = ["evaluate", "--set", f"workdir={wd}", "--set", "model.base=models/base", "--set", "data.image_size=56",
+            "--set", "evaluate.limit=4", "--set", "evaluate.max_new_tokens=12", "--force"]
+    assert main(args) == 2
+    assert main([*args, "--allow-missing"]) == 0
+    report = (wd / "eval" / "report.md").read_text()
+    assert "Left out (missing when this report was written): base" in report and "base vs SFT p = not computed (no base model" in report
+    assert "| sft | 4 |" in report

@@ -121,9 +121,12 @@ def test_a_token_is_required_off_loopback(run_dir, monkeypatch):
     with pytest.raises(ValueError, match="token"):
         resolve_token("0.0.0.0", None)
     assert resolve_token("127.0.0.1", None) is None
-    monkeypatch.setenv("CMEVLM_REVIEW_TOKEN", "from-env")
-    assert resolve_token("0.0.0.0", None) == "from-env"
-    assert resolve_token("0.0.0.0", "given") == "given"
+    monkeypatch.setenv("CMEVLM_REVIEW_TOKEN", "from-the-environment")
+    assert resolve_token("0.0.0.0", None) == "from-the-environment"
+    assert resolve_token("0.0.0.0", "given-on-the-command") == "given-on-the-command"
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        resolve_token("0.0.0.0", "1")  # a token anyone could guess is no token
+    assert resolve_token("127.0.0.1", "1") == "1"
     _, c = _client(run_dir, token="s3cret")
     assert 'name="token"' in c.get("/login").text
     assert _sign_in(c, token="wrong").status_code == 401
@@ -458,3 +461,72 @@ def test_a_surgeon_reviews_in_headless_chromium_and_the_datasets_follow(run_dir,
     assert all(after[i]["chosen"] == before[i]["chosen"] for i in after if i not in {pref_id, *edited_in_pool})
     (score,) = read_history(Storage(), str(run_dir / "eval/expert_reviews.jsonl"), ("score",))
     assert (score["item_id"], score["scores"], score["preferred"], score["reviewer"]) == (expert_id, {"A": 4, "B": 2}, ["A"], "Dr Browser")
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning_not_a_500(run_dir):
+    """A write cut short before its newline (a crash, a full disk before this project's appends
+    took torn writes back): every page still answers, and says what it skipped."""
+    cfg, client = _client(run_dir)
+    assert _sign_in(client).status_code == 303
+    page, form = _item_form(client, "/answers/1")
+    assert client.post("/answers/1", data={**form, "decision": "accept"}, follow_redirects=False).status_code == 303
+    with open(run_dir / "teacher/reviews.jsonl", "a") as f:
+        f.write('{"item_id": "x", "decis')  # torn
+    for url in ("/", "/answers/2", "/summary"):
+        r = client.get(url)
+        assert r.status_code == 200 and "torn last line" in r.text, url
+    assert len(read_history(Storage(), str(run_dir / "teacher/reviews.jsonl"), ("accept", "edit", "reject"))) == 1
+
+
+def test_anonymous_visitors_hold_no_server_state_and_cannot_push_a_reviewer_out(run_dir):
+    cfg, c = _client(run_dir)
+    assert _sign_in(c).status_code == 303
+    app = c.app
+    before = len(app.state.review.sessions)
+    from fastapi.testclient import TestClient
+
+    stranger = TestClient(app)
+    for _ in range(1001):
+        stranger.cookies.clear()
+        assert stranger.get("/login").status_code == 200
+    assert len(app.state.review.sessions) == before
+    assert c.get("/").status_code == 200  # still signed in
+
+
+def test_sign_in_failures_lock_a_client_out(run_dir):
+    _, c = _client(run_dir, token="the-right-token-123")
+    for _ in range(5):
+        assert _sign_in(c, token="wrong").status_code == 401
+    r = _sign_in(c, token="the-right-token-123")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    _, other = _client(run_dir, token="the-right-token-123")  # another app: its own counts
+    assert _sign_in(other, token="the-right-token-123").status_code == 303
+
+
+def test_huge_forms_are_refused_without_growing_the_process(run_dir):
+    import psutil
+
+    _, c = _client(run_dir)
+    page = c.get("/login")
+    body = b"&".join(b"f%d=" % i + b"x" * 2**20 for i in range(200))  # 200 fields of 1 MiB, built before measuring
+    rss = psutil.Process().memory_info().rss
+    r = c.post("/login", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and "csrf" not in r.text
+    assert psutil.Process().memory_info().rss - rss < 100 * 2**20  # the app kept at most 256 KiB of it
+    assert c.post("/login", data={"csrf": _csrf(page.text), "reviewer": "Dr Test", "next": "/"}, follow_redirects=False).status_code == 303
+
+
+def test_idle_sessions_end_and_https_sets_secure_cookies(run_dir):
+    import time as _time
+
+    cfg = _cfg(run_dir, run_dir / "models/sft")
+    from fastapi.testclient import TestClient
+
+    c = TestClient(create_app(cfg, idle_minutes=0.01, https=True), base_url="https://testserver")
+    first = c.get("/login")
+    assert "secure" in first.headers["set-cookie"].lower()
+    r = c.post("/login", data={"csrf": _csrf(first.text), "reviewer": "Dr Test", "next": "/"}, follow_redirects=False)
+    assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()
+    assert c.get("/", follow_redirects=False).status_code == 200
+    _time.sleep(1.0)
+    assert c.get("/", follow_redirects=False).status_code == 303  # idle for longer than 0.6 s: signed out

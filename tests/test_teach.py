@@ -47,8 +47,10 @@ def _sft(workdir):
     return {s: st.read_parquet(join(str(workdir), "sft", s)).to_pylist() for s in ("train", "test")}
 
 
-def _audit(workdir):
-    return [json.loads(x) for x in (Path(workdir) / "teacher/audit.jsonl").read_text().splitlines()]
+def _audit(workdir, event="outcome"):
+    """The audit's records of one kind: `outcome` (one per request answered or failed) or `sent`."""
+    lines = [json.loads(x) for x in (Path(workdir) / "teacher/audit.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["event"] == event]
 
 
 def test_offline_teacher_writes_the_sft_dataset(tmp_path, frames_dir):
@@ -135,19 +137,28 @@ def _malformed_cost(audit):
     return sum(a["cost_usd"] for a in audit if per_item[a["item_id"]] > 1 and a["attempt"] == 1)
 
 
+def _teach_process(run, srv) -> subprocess.Popen:
+    """`cmevlm teach` against the stand-in, in its own process group (to be killed)."""
+    args = ["--set", f"workdir={run}", "--set", "data.image_size=56", "--set", "teacher.backend=gemini",
+            "--set", f"teacher.base_url={srv.url}", "--set", "teacher.batch_size=2", "--set", "ray.num_cpus=2"]
+    return subprocess.Popen([sys.executable, "-m", "cmevlm.cli", "teach", *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kill_ray_session(proc.pid)
+
+
 def test_kill_9_midway_then_resume_pays_for_nothing_twice(ray_local, tmp_path, frames_dir):
     run = _run_dir(tmp_path, frames_dir)
     with FakeLLM(latency=0.15) as srv:
-        args = ["--set", f"workdir={run}", "--set", "data.image_size=56", "--set", "teacher.backend=gemini",
-                "--set", f"teacher.base_url={srv.url}", "--set", "teacher.batch_size=2", "--set", "ray.num_cpus=2"]
-        proc = subprocess.Popen([sys.executable, "-m", "cmevlm.cli", "teach", *args], cwd=ROOT, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = _teach_process(run, srv)
         deadline = time.time() + 120
         while len(srv.answered()) < 12 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kill_ray_session(proc.pid)
+        _kill(proc)
         time.sleep(0.5)
         before = len(srv.requests)
         assert 12 <= before, "the first run did not get going"
@@ -198,3 +209,22 @@ def test_needs_review_flags_the_configured_fraction_deterministically():
         assert flagged == [i for i in ids if needs_review(i, fraction, seed=0)]
     assert not any(needs_review(i, 0.0, 0) for i in ids) and all(needs_review(i, 1.0, 0) for i in ids)
     assert {i for i in ids if needs_review(i, 0.25, 0)} != {i for i in ids if needs_review(i, 0.25, 1)}
+
+
+def test_kill_9_while_requests_are_in_flight_leaves_them_audited_as_sent(ray_local, tmp_path, frames_dir):
+    """The audit is written ahead: a process killed while its requests are at the teacher leaves
+    a `sent` record for each (and for no more than it sent), without an outcome."""
+    run = _run_dir(tmp_path, frames_dir)
+    with FakeLLM(latency=5.0) as srv:
+        proc = _teach_process(run, srv)
+        deadline = time.time() + 120
+        while not srv.requests and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        received = len(srv.requests)
+        _kill(proc)
+    assert received >= 1, "nothing was sent before the kill"
+    sent, outcomes = _audit(run, "sent"), _audit(run)
+    open_requests = {s["request_id"] for s in sent} - {o["request_id"] for o in outcomes}
+    assert len(sent) >= received and len(open_requests) >= 1
+    assert all(s["backend"] == "gemini" and [p["kind"] for p in s["parts"]] == ["text", "mask"] for s in sent)

@@ -40,8 +40,10 @@ def _payload(item="item1", mask=None, text=PROMPT):
     return build_payload(item, "You are a surgeon.", text, mask if mask is not None else _mask(), 448)
 
 
-def _audit(tmp_path):
-    return [json.loads(line) for line in (tmp_path / "run/teacher/audit.jsonl").read_text().splitlines()]
+def _audit(tmp_path, event="outcome"):
+    """The audit's records of one kind: `outcome` (one per request answered or failed) or `sent`."""
+    lines = [json.loads(line) for line in (tmp_path / "run/teacher/audit.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["event"] == event]
 
 
 def _assert_only_text_and_binary_pngs(images):
@@ -235,4 +237,93 @@ def test_audit_parts_merge_on_object_storage(s3_bucket, tmp_path, fake_llm):
         c.ask(_payload(f"i{k}", mask=_mask(seed=k)), TeacherAnswer)
         c.audit.flush()
     assert merge_audit(Storage(), run + "/teacher/audit.jsonl") == 2
-    assert Storage().list_files(run + "/teacher/audit.jsonl.parts") == []
+    assert Storage().list_files(run + "/teacher/audit.jsonl.d") == []
+
+
+# ---- a guard that trusts no byte ------------------------------------------------------------
+
+
+def _crafted(pixels: np.ndarray, how: str) -> bytes:
+    """The item's mask pixels in a hand-made PNG that carries something else besides."""
+    from PIL import PngImagePlugin
+
+    img = Image.fromarray(pixels)
+    buf = io.BytesIO()
+    if how == "text_chunk":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("secret", "patient frame " * 300)
+        img.save(buf, format="PNG", pnginfo=info)
+    elif how == "exif":
+        exif = Image.Exif()
+        exif[0x010E] = "x" * 4000
+        img.save(buf, format="PNG", exif=exif)
+    elif how == "trailing":
+        img.save(buf, format="PNG")
+        buf.write(encode_png(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)))  # a PNG after IEND
+    elif how == "palette":
+        img.convert("P").save(buf, format="PNG")
+    elif how == "sixteen_bit":
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(buf, format="PNG")
+    elif how == "apng":
+        img.save(buf, format="PNG", save_all=True, append_images=[Image.fromarray(255 - pixels)], duration=100)
+    elif how == "optimized":  # (PIL writes no interlaced PNG; an optimised one has other filters and zlib settings)
+        img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+CRAFTS = ("text_chunk", "exif", "trailing", "palette", "sixteen_bit", "apng", "optimized")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=hst.integers(0, 1000), how=hst.sampled_from(CRAFTS),
+       text=hst.sampled_from([PROMPT, PROMPT + " data:image/png;base64,iVBORw0KGgo=", PROMPT + " " + "QUJD" * 80 + "+/9=",
+                              PROMPT + " " + "pancreas" * 40]))
+def test_every_byte_that_leaves_is_text_or_a_fresh_encoding_of_the_items_mask(seed, how, text):
+    """Hand-built payloads: the item's own mask pixels wrapped in text/EXIF chunks, data after
+    IEND, a palette, 16 bits, APNG frames, other zlib settings; texts with a data: URI or a base64 run.
+    The guard either refuses, or returns a payload whose only image is the canonical 0/255
+    encoding of the item's pixels and whose texts are the texts given."""
+    item = _mask(seed=seed)
+    built = _payload(mask=item, text=PROMPT)
+    pixels = np.asarray(Image.open(io.BytesIO(built.mask)))
+    crafted = Payload(built.item_id, built.system, (Part("text", text=text), Part("mask", data=_crafted(pixels, how))),
+                      built.expected_mask_sha256)
+    try:
+        out = guard(crafted, 448)
+    except PrivacyViolation:
+        return
+    assert "data:" not in text and "QUJD" not in text  # those must be refused
+    (t, m) = out.parts
+    assert t.kind == "text" and t.text == text and m.kind == "mask"
+    assert m.data == encode_png(pixels, compress_level=9) == built.mask  # nothing of the crafted file survives
+
+
+def test_the_audit_is_written_ahead_of_every_request(tmp_path, fake_llm):
+    """A `sent` record (what leaves, hashed) is on disk before the request leaves, its outcome
+    after, with the same request_id."""
+    client = _client(tmp_path, fake_llm)
+    seen = []
+    send = client.backend.send
+
+    def spy(payload, schema):  # what the log holds at the moment the request leaves
+        seen.append([json.loads(x)["event"] for x in (tmp_path / "run/teacher/audit.jsonl").read_text().splitlines()])
+        return send(payload, schema)
+
+    client.backend.send = spy
+    client.ask(_payload("w1"), TeacherAnswer)
+    assert seen == [["sent"]]
+    (sent,), (outcome,) = _audit(tmp_path, "sent"), _audit(tmp_path)
+    assert sent["request_id"] == outcome["request_id"] and sent["parts"] == outcome["parts"]
+    assert [p["kind"] for p in sent["parts"]] == ["text", "mask"] and all(len(p["sha256"]) == 64 for p in sent["parts"])
+
+
+def test_an_expired_batch_job_leaves_every_payload_audited_as_sent(tmp_path, fake_llm):
+    cfg = TeacherConfig(backend="gemini", base_url=fake_llm.url, batch=True, batch_poll_s=0.01)
+    client = TeacherClient(cfg, str(tmp_path / "run"))
+    fake_llm.batch_end = "BATCH_STATE_EXPIRED"
+    payloads = [_payload(f"b{k}", mask=_mask(seed=k)) for k in range(3)]
+    with pytest.raises(RuntimeError, match="EXPIRED"):
+        client.ask_batch(payloads, TeacherAnswer, str(tmp_path / "run/teacher/batches"))
+    sent = _audit(tmp_path, "sent")
+    assert [s["item_id"] for s in sent] == ["b0", "b1", "b2"] and _audit(tmp_path) == []
+    assert [p["sha256"] for p in sent[0]["parts"]] == [p.describe()["sha256"] for p in payloads[0].parts]

@@ -25,27 +25,46 @@ class BadInput(ValueError):
 # Decoding and validation
 
 
-def decode_frame(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> (H, W, 3) uint8 RGB. Raises BadInput for corrupt or truncated files."""
+# What PIL raises for files it cannot take: unknown formats, truncated or corrupt data, text
+# chunks over its limits, and decompression bombs (DecompressionBombError is no OSError).
+PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _open_checked(data: bytes, what: str, max_pixels: int | None):
+    """The opened image, its size checked from the header before any pixel is decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own limit (2 x MAX_IMAGE_PIXELS) met at open
+        raise BadInput(f"{what} exceeds ingest.max_image_pixels ({max_pixels}) and PIL's bomb limit: not decoded ({e})") from None
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        img.close()
+        raise BadInput(f"{what} of {w}x{h} pixels exceeds ingest.max_image_pixels ({max_pixels}): not decoded")
+    return img
+
+
+def decode_frame(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> (H, W, 3) uint8 RGB. Raises BadInput for corrupt, truncated or
+    oversized files (the size is read from the header before decoding)."""
+    try:
+        with _open_checked(data, "frame", max_pixels) as img:
             img.load()  # forces a full decode: truncated files fail here, not later
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except PIL_ERRORS as e:
         raise BadInput(f"unreadable frame: {type(e).__name__}: {e}") from None
 
 
-def decode_mask(data: bytes, frame_shape: tuple[int, int], binarize_multivalue: bool = False) -> np.ndarray:
+def decode_mask(data: bytes, frame_shape: tuple[int, int], binarize_multivalue: bool = False, max_pixels: int | None = None) -> np.ndarray:
     """8-bit single-channel mask bytes -> (H, W) bool (True = structure).
 
     Raises BadInput when the mask is unreadable, not single-channel, of another size than its
     frame, has more than two values (unless `binarize_multivalue`: then >0), or is empty."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_checked(data, "mask", max_pixels) as img:
             img.load()
             mode = img.mode
             arr = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except PIL_ERRORS as e:
         raise BadInput(f"unreadable mask: {type(e).__name__}: {e}") from None
     if mode not in ("L", "1", "P") or arr.ndim != 2:
         raise BadInput(f"mask is not single-channel (mode {mode}, shape {arr.shape})")

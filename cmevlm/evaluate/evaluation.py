@@ -92,14 +92,28 @@ def summarise(rows: list[dict]) -> dict:
     """The metrics.json block of one group of answer rows."""
     return {
         "n": len(rows),
-        "bleu4": M.mean_std(r["bleu4"] for r in rows),
-        "bertscore_f1": M.mean_std(r["bertscore_f1"] for r in rows),
-        "judge": M.mean_std(r["judge"] for r in rows if r["judge"] is not None),
+        "bleu4": M.mean_std_ci(r["bleu4"] for r in rows),
+        "bertscore_f1": M.mean_std_ci(r["bertscore_f1"] for r in rows),
+        "judge": M.mean_std_ci(r["judge"] for r in rows if r["judge"] is not None),
         "structure_accuracy": sum(r["structure_ok"] for r in rows) / max(1, len(rows)),
         "laterality_error_rate": sum(r["laterality_error"] for r in rows) / max(1, len(rows)),
         "mean_length": sum(r["length"] for r in rows) / max(1, len(rows)),
         "repetition_rate": sum(r["repetition"] for r in rows) / max(1, len(rows)),
     }
+
+
+def check_missing(cfg: RunConfig, st: Storage, out: str, models: dict[str, str]) -> dict[str, str]:
+    """The models the previous report had that are missing now: an error naming them, or with
+    evaluate.allow_missing (--allow-missing) what the new report says it left out."""
+    metrics = join(out, "metrics.json")
+    before = st.read_json(metrics).get("model_uris", {}) if st.exists(metrics) else {}
+    gone = {name: uri for name, uri in before.items() if name not in models}
+    if gone and not cfg.evaluate.allow_missing:
+        where = ", ".join(f"{n} (was {u})" for n, u in gone.items())
+        hint = " model.base is resolved under the workdir when relative;" if "base" in gone else ""
+        raise MissingInput(f"evaluate: the previous report had {where}, which is missing now.{hint} "
+                           "--allow-missing writes the report without it and names it there")
+    return gone
 
 
 def answer(cfg: RunConfig, st: Storage, models: dict[str, str], items: list[dict]) -> list[dict]:
@@ -143,11 +157,15 @@ def judge(cfg: RunConfig, st: Storage, rows: list[dict]) -> None:
     merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
 
 
-def paired_p(grouped: dict, a: str, b: str) -> float | None:
-    """Wilcoxon signed-rank p of the judge composite of models a and b on the items both have."""
-    ja, jb = ({r["item_id"]: r["judge"] for r in grouped.get(m, []) if r["judge"] is not None} for m in (a, b))
+def paired_p(grouped: dict, a: str, b: str) -> tuple[float | None, str | None]:
+    """(p, None) of the Wilcoxon signed-rank test of the judge composite of models a and b on
+    the items both have, or (None, why not)."""
+    missing = [m for m in (a, b) if m not in grouped]
+    if missing:
+        return None, f"no {' and no '.join(missing)} model in this evaluation"
+    ja, jb = ({r["item_id"]: r["judge"] for r in grouped[m] if r["judge"] is not None} for m in (a, b))
     common = sorted(set(ja) & set(jb))
-    return M.wilcoxon_p([ja[i] for i in common], [jb[i] for i in common]) if common else None
+    return M.wilcoxon_test([ja[i] for i in common], [jb[i] for i in common])
 
 
 def tabulate(cfg: RunConfig, models: dict[str, str], rows: list[dict], n_items: int) -> dict:
@@ -160,12 +178,14 @@ def tabulate(cfg: RunConfig, models: dict[str, str], rows: list[dict], n_items: 
         return {v: {m: summarise([r for r in grouped[m] if r[key] == v]) for m in models} for v in sorted({r[key] for r in rows})}
 
     e = cfg.evaluate
+    tests = {"sft_vs_dpo_judge_p": paired_p(grouped, "sft", "dpo"), "base_vs_sft_judge_p": paired_p(grouped, "base", "sft")}
     return {
         "n_test": n_items,
         "models": {m: summarise(grouped[m]) for m in models},
         "per_structure": per("structure"),
         "per_site": per("site"),
-        "tests": {"sft_vs_dpo_judge_p": paired_p(grouped, "sft", "dpo"), "base_vs_sft_judge_p": paired_p(grouped, "base", "sft")},
+        "tests": {k: p for k, (p, _) in tests.items()},
+        "tests_not_computed": {k: why for k, (_, why) in tests.items() if why},
         "expert": None,
         "model_uris": models,
         "judge": {"backend": cfg.judge.backend, "model": cfg.judge.model, "weights": [e.judge_accuracy_weight, e.judge_conciseness_weight]},
@@ -179,6 +199,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     st = Storage(cfg.storage)
     out = join(cfg.workdir, "eval")
     models = models_to_evaluate(cfg, st)
+    left_out = check_missing(cfg, st, out, models)
     signature = hashlib.sha256(json.dumps(sorted(models.items())).encode()).hexdigest()
     if st.is_complete(out) and not force and st.read_manifest(out).get("models_sha256") == signature:
         log.info("evaluate: %s is complete, skipped", out)
@@ -194,6 +215,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     score(cfg, rows)
     judge(cfg, st, rows)
     result = tabulate(cfg, models, rows, len(items))
+    result["left_out"] = left_out
     old = st.read_json(join(out, "metrics.json")) if st.exists(join(out, "metrics.json")) else {}
     result["expert"] = old.get("expert")
     st.write_parquet(join(out, "answers.parquet"), pa.Table.from_pylist(rows))

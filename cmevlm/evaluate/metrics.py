@@ -42,12 +42,38 @@ def mean_std(values) -> dict:
     return {"mean": m, "std": math.sqrt(sum((x - m) ** 2 for x in v) / len(v))}
 
 
-def wilcoxon_p(a: list[float], b: list[float]) -> float | None:
-    """Paired Wilcoxon signed-rank p-value (scipy); 1.0 when the pairs do not differ at all."""
-    if len(a) != len(b) or len(a) < 2:
-        return None
+def mean_std_ci(values, resamples: int = 1000, seed: int = 0) -> dict:
+    """mean, std, n and the 95 % percentile-bootstrap interval of the mean (seeded)."""
+    import numpy as np
+
+    v = np.asarray([float(x) for x in values])
+    out = {**mean_std(v), "n": int(v.size), "ci95": None}
+    if v.size >= 2:
+        means = np.random.default_rng(seed).choice(v, size=(resamples, v.size), replace=True).mean(axis=1)
+        out["ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return out
+
+
+def wilcoxon_test(a: list[float], b: list[float]) -> tuple[float | None, str | None]:
+    """(p, None) of the paired Wilcoxon signed-rank test (scipy), or (None, why it was not
+    computed). 1.0 when the pairs do not differ at all."""
+    if len(a) != len(b):
+        return None, "the two models answered different items"
+    if len(a) < 2:
+        return None, f"{len(a)} paired item{'s' if len(a) != 1 else ''}, at least 2 needed"
     if all(x == y for x, y in zip(a, b)):
-        return 1.0
+        return 1.0, None
     from scipy.stats import wilcoxon
 
-    return float(wilcoxon(a, b, zero_method="wilcox").pvalue)
+    return float(wilcoxon(a, b, zero_method="wilcox").pvalue), None
+
+
+def wilcoxon_p(a: list[float], b: list[float]) -> float | None:
+    return wilcoxon_test(a, b)[0]
+
+
+def format_p(p: float | None, reason: str | None = None) -> str:
+    """3 significant digits, `< 0.001` below that, `not computed (reason)` without a value."""
+    if p is None:
+        return f"not computed ({reason or 'no paired judge scores'})"
+    return "< 0.001" if p < 0.001 else f"{p:.3g}"

@@ -6,15 +6,21 @@ import base64
 import io
 
 from cmevlm.config import RunConfig, dump_config
+from cmevlm.evaluate.metrics import format_p
 from cmevlm.storage import Storage, join
 
 COLUMNS = (("bleu4", "BLEU-4"), ("bertscore_f1", "BERTScore F1"), ("judge", "Judge (1-5)"))
 
 
 def _fmt(ms: dict | None, digits=3) -> str:
+    """mean ± std, with the 95 % bootstrap interval of the mean when there is one."""
     if not ms or ms.get("mean") is None:
         return "-"
-    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+    text = f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+    if ms.get("ci95"):
+        lo, hi = ms["ci95"]
+        text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return text
 
 
 ORDER = ("base", "sft", "dpo")
@@ -30,12 +36,25 @@ def table_rows(metrics: dict) -> list[list[str]]:
     rows = []
     for m in model_order(metrics["models"]):
         s = metrics["models"][m]
-        rows.append([m, *[_fmt(s[k], 2 if k == "judge" else 3) for k, _ in COLUMNS],
+        rows.append([m, str(s["n"]), *[_fmt(s[k], 2 if k == "judge" else 3) for k, _ in COLUMNS],
                      f"{s['structure_accuracy']:.2f}", f"{s['laterality_error_rate']:.2f}"])
     return rows
 
 
-HEADER = ["model", *[h for _, h in COLUMNS], "structure accuracy", "laterality errors"]
+HEADER = ["model", "n", *[f"{h} (95% CI)" for _, h in COLUMNS], "structure accuracy", "laterality errors"]
+
+
+def tests_text(metrics: dict) -> str:
+    """The Wilcoxon line: p to 3 significant digits, `< 0.001`, or why it was not computed."""
+    t, why = metrics["tests"], metrics.get("tests_not_computed", {})
+    p = {k: format_p(t.get(k), why.get(k)) for k in ("base_vs_sft_judge_p", "sft_vs_dpo_judge_p")}
+    return (f"Wilcoxon signed-rank test on the judge composite: base vs SFT p = {p['base_vs_sft_judge_p']}, "
+            f"SFT vs DPO p = {p['sft_vs_dpo_judge_p']}.")
+
+
+def left_out_text(metrics: dict) -> str | None:
+    gone = metrics.get("left_out") or {}
+    return ("Left out (missing when this report was written): " + ", ".join(f"{n} ({u})" for n, u in gone.items())) if gone else None
 
 
 def summary_text(metrics: dict) -> str:
@@ -102,9 +121,9 @@ def markdown(metrics: dict) -> str:
               "|---|" + "---|" * len(models)]
     for s, per in metrics["per_structure"].items():
         lines.append(f"| {s} | " + " | ".join(_fmt(per[m]["judge"], 2) for m in models) + " |")
-    t = metrics["tests"]
-    lines += ["", f"Wilcoxon signed-rank on the judge composite: base vs SFT p = {t['base_vs_sft_judge_p']}, "
-              f"SFT vs DPO p = {t['sft_vs_dpo_judge_p']}."]
+    lines += ["", tests_text(metrics)]
+    if left_out_text(metrics):
+        lines += ["", left_out_text(metrics)]
     if metrics.get("expert"):
         lines += ["", "## Expert", "", "| model | score | preferred |", "|---|---|---|"]
         lines += [f"| {m} | {_fmt(v['score'], 2)} | {v['preferred']} |" for m, v in metrics["expert"].items()]
@@ -123,4 +142,4 @@ def render_html(cfg: RunConfig, metrics: dict, rows: list[dict], items: dict[str
             "answers": [{"model": r["model"], "judge": r["judge"] if r["judge"] is not None else "-", "answer": r["answer"]} for r in mine]})
     expert = [{"model": m, "score": _fmt(v["score"], 2), "preferred": v["preferred"]} for m, v in (metrics.get("expert") or {}).items()]
     return render("report.html", m=metrics, header=HEADER, table=table_rows(metrics), pics=plots(metrics, rows),
-                  expert=expert, examples=examples, config=dump_config(cfg))
+                  expert=expert, examples=examples, config=dump_config(cfg), tests=tests_text(metrics), left_out=left_out_text(metrics))

@@ -25,13 +25,15 @@ import hmac
 import logging
 import os
 import secrets
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from starlette.datastructures import FormData
 
 from cmevlm.config import RunConfig
 from cmevlm.errors import ConfigError
@@ -56,42 +58,102 @@ HEADERS = {
 NAME_MAX = 80
 
 
+MIN_TOKEN = 16  # characters of a token off loopback
+FORM_MAX_BYTES = 256 * 1024  # every form of the app is a few fields; an edited answer is a few KB
+THROTTLE_FAILURES, THROTTLE_WINDOW_S = 5, 600.0  # sign-in failures per client before a lockout, and for how long
+
+
 def resolve_token(host: str, token: str | None) -> str | None:
-    """The token the app asks for: `token`, else $CMEVLM_REVIEW_TOKEN; required off loopback."""
+    """The token the app asks for: `token`, else $CMEVLM_REVIEW_TOKEN; required off loopback,
+    and then at least MIN_TOKEN characters."""
     token = token or os.environ.get(TOKEN_ENV) or None
     if host not in LOOPBACK and not token:
         raise ConfigError(f"binding {host} exposes patient images beyond this machine: give a token "
-                         f"(--token or {TOKEN_ENV}) or bind 127.0.0.1")
+                          f"(--token or {TOKEN_ENV}) or bind 127.0.0.1")
+    if host not in LOOPBACK and len(token) < MIN_TOKEN:
+        raise ConfigError(f"binding {host} needs a token of at least {MIN_TOKEN} characters (this one has {len(token)})")
     return token
 
 
 class Sessions:
-    """Server-side sessions: the cookie carries a random id only. Bounded, oldest dropped."""
+    """Server-side sessions of signed-in reviewers only: the cookie carries a random id; a
+    session idle for `idle_s` ends. Anonymous visitors hold no server state: the sign-in form's
+    CSRF token is tied to a signed cookie (`pre_cookie`), so no number of visits can push a
+    reviewer out. Bounded all the same, oldest dropped."""
 
-    def __init__(self, limit: int = 1000):
+    def __init__(self, idle_s: float = 30 * 60, limit: int = 1000):
         self.secret = secrets.token_bytes(32)
-        self.limit = limit
+        self.idle_s, self.limit = idle_s, limit
         self._s: OrderedDict[str, dict] = OrderedDict()
 
-    def new(self, reviewer: str | None = None) -> str:
+    def new(self, reviewer: str) -> str:
         sid = secrets.token_urlsafe(32)
-        self._s[sid] = {"reviewer": reviewer, "flash": []}
+        self._s[sid] = {"reviewer": reviewer, "flash": [], "seen": time.monotonic()}
         while len(self._s) > self.limit:
             self._s.popitem(last=False)
         return sid
 
     def get(self, sid: str | None) -> dict | None:
-        return self._s.get(sid) if sid else None
+        session = self._s.get(sid) if sid else None
+        if session is not None and time.monotonic() - session["seen"] > self.idle_s:
+            self.drop(sid)
+            return None
+        if session is not None:
+            session["seen"] = time.monotonic()
+        return session
 
     def drop(self, sid: str | None) -> None:
         self._s.pop(sid, None)
 
+    def __len__(self) -> int:
+        return len(self._s)
+
+    def _mac(self, text: str) -> str:
+        return hmac.new(self.secret, text.encode(), hashlib.sha256).hexdigest()
+
     def csrf(self, sid: str) -> str:
-        return hmac.new(self.secret, sid.encode(), hashlib.sha256).hexdigest()
+        return self._mac(f"session|{sid}")
+
+    def pre_cookie(self) -> tuple[str, str]:
+        """(cookie value, sign-in CSRF token) for an anonymous visitor: signed, stored nowhere."""
+        nonce = secrets.token_urlsafe(16)
+        return f"{nonce}.{self._mac(f'pre|{nonce}')}", self._mac(f"login|{nonce}")
+
+    def pre_csrf(self, cookie: str | None) -> str | None:
+        """The sign-in CSRF token a genuine pre-auth cookie stands for; None for a forged one."""
+        nonce, _, mac = (cookie or "").partition(".")
+        if not nonce or not hmac.compare_digest(mac, self._mac(f"pre|{nonce}")):
+            return None
+        return self._mac(f"login|{nonce}")
 
 
-def _set_cookie(response: Response, sid: str) -> None:
-    response.set_cookie(COOKIE, sid, httponly=True, samesite="strict", path="/")
+class Throttle:
+    """Sign-in failures per client: THROTTLE_FAILURES within THROTTLE_WINDOW_S lock it out for
+    the rest of that window (429, even with the right token)."""
+
+    def __init__(self):
+        self._fails: dict[str, list[float]] = {}
+
+    def locked_for(self, client: str) -> float:
+        now = time.monotonic()
+        recent = [t for t in self._fails.get(client, []) if now - t < THROTTLE_WINDOW_S]
+        self._fails[client] = recent
+        return THROTTLE_WINDOW_S - (now - recent[0]) if len(recent) >= THROTTLE_FAILURES else 0.0
+
+    def fail(self, client: str) -> None:
+        self._fails.setdefault(client, []).append(time.monotonic())
+        if len(self._fails) > 10_000:  # bounded: forget the oldest clients
+            self._fails.pop(next(iter(self._fails)))
+
+    def reset(self, client: str) -> None:
+        self._fails.pop(client, None)
+
+
+PRE_COOKIE = "cmevlm_review_pre"
+
+
+def _set_cookie(response: Response, value: str, secure: bool, name: str = COOKIE) -> None:
+    response.set_cookie(name, value, httponly=True, samesite="strict", path="/", secure=secure)
 
 
 def _safe_next(target: str | None) -> str:
@@ -131,10 +193,12 @@ class SignInRequired(Exception):
 class ReviewApp:
     """What every route shares: the queues, the sessions, the templates, the sign-in token."""
 
-    def __init__(self, cfg: RunConfig, token: str | None, config_args: str):
+    def __init__(self, cfg: RunConfig, token: str | None, config_args: str, idle_minutes: float = 30, https: bool = False):
         self.cfg, self.token, self.config_args = cfg, token, config_args
+        self.secure = https  # served over HTTPS (directly or behind the hospital's proxy): Secure cookies
         self.queues = load_queues(cfg)
-        self.sessions = Sessions()
+        self.sessions = Sessions(idle_s=60 * idle_minutes)
+        self.throttle = Throttle()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     def page(self, request: Request, template: str, status: int = 200, known: dict | None = None, **ctx) -> Response:
@@ -146,14 +210,14 @@ class ReviewApp:
             done, total = q.progress(known[name] if known and name in known else q.state()[0])
             nav.append({"name": name, "title": q.title, "done": done, "total": total, "missing": q.missing})
         flash, session["flash"] = session["flash"], []
+        flash += [("warn", f"The reviews file has a torn last line, skipped: {w}") for q in self.queues.values() for w in q.log.warnings]
         return self.templates.TemplateResponse(request, template, {
             "nav": nav, "reviewer": session["reviewer"], "csrf": self.sessions.csrf(sid), "flash": flash, **ctx}, status_code=status)
 
     def login_page(self, request: Request, next_: str, error: str | None = None, status: int = 200) -> Response:
         return self.templates.TemplateResponse(request, "login.html", {
-            "csrf": self.sessions.csrf(request.state.sid), "next": _safe_next(next_), "needs_token": bool(self.token),
-            "error": error, "reviewer": None if error else request.state.session["reviewer"], "nav": None, "flash": []},
-            status_code=status)
+            "csrf": request.state.csrf, "next": _safe_next(next_), "needs_token": bool(self.token),
+            "error": error, "reviewer": None, "nav": None, "flash": []}, status_code=status)
 
     def item_page(self, request: Request, q: Queue, n: int, status: int = 200, error: str | None = None, form=None) -> Response:
         latest, history = q.state()
@@ -172,34 +236,51 @@ def review_app(request: Request) -> ReviewApp:
     return request.app.state.review
 
 
-def any_session(request: Request, ra: ReviewApp = Depends(review_app)) -> dict:
-    """The visitor's session; a new pre-sign-in one (so the sign-in form has a CSRF token too)."""
-    sid = request.cookies.get(COOKIE)
-    session = ra.sessions.get(sid)
-    if session is None:
-        sid = request.state.fresh_sid = ra.sessions.new()
-        session = ra.sessions.get(sid)
-    request.state.sid, request.state.session = sid, session
-    return session
+def pre_auth(request: Request, ra: ReviewApp = Depends(review_app)) -> None:
+    """An anonymous visitor's sign-in CSRF token, from its signed pre-auth cookie (a new one when
+    it has none or a forged one); nothing is stored on the server."""
+    expected = ra.sessions.pre_csrf(request.cookies.get(PRE_COOKIE))
+    if expected is None:
+        request.state.fresh_pre, expected = ra.sessions.pre_cookie()
+    request.state.csrf = expected
 
 
 def signed_in(request: Request, ra: ReviewApp = Depends(review_app)) -> str:
-    """The signed-in reviewer's name; SignInRequired otherwise."""
+    """The signed-in reviewer's name; SignInRequired otherwise (or once the session went idle)."""
     sid = request.cookies.get(COOKIE)
     session = ra.sessions.get(sid)
-    if session is None or not session["reviewer"]:
+    if session is None:
         raise SignInRequired()
-    request.state.sid, request.state.session = sid, session
+    request.state.sid, request.state.session, request.state.csrf = sid, session, ra.sessions.csrf(sid)
     return session["reviewer"]
 
 
-async def csrf_form(request: Request, ra: ReviewApp = Depends(review_app)):
-    """The POSTed form, once its Origin and CSRF token are checked (PermissionError -> 403)."""
-    form = await request.form()
+async def read_form(request: Request) -> FormData:
+    """The urlencoded form, its body counted while it streams and refused past FORM_MAX_BYTES
+    (413), so no form can grow the process."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > FORM_MAX_BYTES):
+        raise HTTPException(413, "form too large")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > FORM_MAX_BYTES:
+            raise HTTPException(413, "form too large")
+        chunks.append(chunk)
+    try:
+        return FormData(parse_qsl(b"".join(chunks).decode("utf-8"), keep_blank_values=True, max_num_fields=100))
+    except (UnicodeDecodeError, ValueError):
+        raise HTTPException(400, "malformed form") from None
+
+
+async def csrf_form(request: Request):
+    """The POSTed form, once its Origin and CSRF token (the one the session or the pre-auth
+    cookie stands for, set by signed_in / pre_auth) are checked (PermissionError -> 403)."""
     origin = request.headers.get("origin")
     if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host')}":
         raise PermissionError("cross-origin POST refused")
-    if not hmac.compare_digest(str(form.get("csrf", "")), ra.sessions.csrf(request.state.sid)):
+    form = await read_form(request)
+    if not hmac.compare_digest(str(form.get("csrf", "")), request.state.csrf):
         raise PermissionError("CSRF check failed: reload the page and try again")
     return form
 
@@ -232,16 +313,25 @@ def static(name: str):
     return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name], headers={"Cache-Control": "max-age=3600"})
 
 
-@public.get("/login", dependencies=[Depends(any_session)])
+@public.get("/login", dependencies=[Depends(pre_auth)])
 def login_form(request: Request, next: str = "/", ra: ReviewApp = Depends(review_app)):
     return ra.login_page(request, next)
 
 
-@public.post("/login", dependencies=[Depends(any_session)])
+def _client_key(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+@public.post("/login", dependencies=[Depends(pre_auth)])
 async def login(request: Request, form=Depends(csrf_form), ra: ReviewApp = Depends(review_app)):
+    client = _client_key(request)
+    if (wait := ra.throttle.locked_for(client)) > 0:
+        log.warning("review: sign-in refused (too many failures from one client)")
+        return PlainTextResponse(f"too many failed sign-ins: try again in {wait:.0f} s", 429, headers={"Retry-After": str(int(wait) + 1)})
     name = " ".join(str(form.get("reviewer", "")).split())[:NAME_MAX]
     error = None
     if ra.token and not hmac.compare_digest(str(form.get("token", "")).encode(), ra.token.encode()):
+        ra.throttle.fail(client)
         await asyncio.sleep(0.5)  # slows guessing; the token is the only secret here
         error, status = "That token is not this app's token.", 401
     elif not name:
@@ -249,9 +339,10 @@ async def login(request: Request, form=Depends(csrf_form), ra: ReviewApp = Depen
     if error:
         log.warning("review: sign-in refused (%s)", "token" if status == 401 else "no name")
         return ra.login_page(request, form.get("next"), error, status)
-    ra.sessions.drop(request.state.sid)  # a new id at sign-in: no session fixation
+    ra.throttle.reset(client)
     response = RedirectResponse(_safe_next(form.get("next")), 303)
-    _set_cookie(response, ra.sessions.new(reviewer=name))
+    _set_cookie(response, ra.sessions.new(reviewer=name), ra.secure)  # a new id at sign-in: no session fixation
+    response.delete_cookie(PRE_COOKIE, path="/")
     log.info("review: a reviewer signed in")
     return response
 
@@ -335,6 +426,10 @@ async def decide(request: Request, qn: tuple[Queue, int] = Depends(queue_item), 
         saved = q.log.append(_review_from_form(q, form, name))
     except ValueError as e:
         return ra.item_page(request, q, n, 400, error=str(e), form=form)
+    except OSError as e:  # a full disk, a lost mount: the append took its bytes back
+        log.error("review: %s #%d: a decision could not be written (%s)", q.name, n, type(e).__name__)
+        return ra.item_page(request, q, n, 503, error=f"Not saved: the reviews file could not be written ({e.strerror or e}). "
+                                                      "Nothing was recorded; try again.", form=form)
     latest, history = q.state()
     done, total = q.progress(latest)
     log.info("review: %s #%d: %s recorded (%d/%d decided)", q.name, n, saved["decision"], done, total)
@@ -351,20 +446,23 @@ async def decide(request: Request, qn: tuple[Queue, int] = Depends(queue_item), 
 
 
 async def _headers(request: Request, call_next):
-    """Every response: the security headers, and the cookie of a session begun by this request."""
+    """Every response: the security headers, and the pre-auth cookie a visitor was given."""
     response = await call_next(request)
     for k, v in HEADERS.items():
         response.headers.setdefault(k, v)
-    if fresh := getattr(request.state, "fresh_sid", None):
-        _set_cookie(response, fresh)
+    if fresh := getattr(request.state, "fresh_pre", None):
+        _set_cookie(response, fresh, request.app.state.review.secure, PRE_COOKIE)
     return response
 
 
-def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") -> FastAPI:
+def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "", idle_minutes: float = 30,
+               https: bool = False) -> FastAPI:
     """The app over `cfg.workdir`. `token`: required at sign-in when set. `config_args`: the
-    `--config FILE` the summary page adds to the commands that rebuild the datasets."""
+    `--config FILE` the summary page adds to the commands that rebuild the datasets.
+    `idle_minutes`: a session unused that long ends. `https`: the app is reached over HTTPS
+    (itself or the hospital's proxy), so cookies carry the Secure flag."""
     app = FastAPI(title="cmevlm review", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.review = ReviewApp(cfg, token, config_args)
+    app.state.review = ReviewApp(cfg, token, config_args, idle_minutes, https)
     app.state.queues = app.state.review.queues
     app.middleware("http")(_headers)
 
@@ -387,10 +485,11 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "") 
     return app
 
 
-def run(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8090, token: str | None = None, config_args: str = "") -> None:
+def run(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8090, token: str | None = None, config_args: str = "",
+        idle_minutes: float = 30, https: bool = False) -> None:
     import uvicorn
 
-    app = create_app(cfg, resolve_token(host, token), config_args)
+    app = create_app(cfg, resolve_token(host, token), config_args, idle_minutes, https)
     for name, q in app.state.queues.items():
         latest, _ = q.state()
         done, total = q.progress(latest)

@@ -3,73 +3,123 @@
     cmevlm serve --config configs/demo.yaml [--set serve.model=models/dpo] [--port 8000]
     # RayService serveConfigV2: import_path: cmevlm.serve.app:build_app, args: {config: /etc/cmevlm/run.yaml}
 
-One deployment; each replica loads the model once (local path or s3://) and batches
-concurrent requests into one `generate` call per sampling setting (`@serve.batch`). Replicas
-autoscale between serve.min_replicas and serve.max_replicas; on a cluster each takes a GPU of
-the serving pool. /v1/explain builds the composite with the ingest overlay code, so what the
-model sees in the clinic is what it learned from.
+One deployment; each replica loads the model once (local path or s3://). A request is read
+(its body counted as it streams and cut at serve.max_body_bytes), typed (cmevlm.serve.schemas:
+a wrong field is a 400 naming it), decoded and prepared for the model on its own; only then
+does it join a batch (`@serve.batch`), so one bad request never fails another. A batch runs
+one `generate` per sampling setting and streams each row's tokens to its request as they are
+generated (`stream: true`). A generation error fails only its batch, logged with the request
+ids. Replicas autoscale between serve.min_replicas and serve.max_replicas; on a cluster each
+takes a GPU of the serving pool. /v1/explain builds the composite with the ingest overlay
+code, so what the model sees in the clinic is what it learned from.
 
-Endpoints: POST /v1/chat/completions (stream: true gives server-sent events), POST /v1/explain,
-GET /v1/models, GET /healthz (ready once the model is loaded), GET /metrics (Prometheus).
+Endpoints: POST /v1/chat/completions, POST /v1/explain, GET /v1/models, GET /metrics
+(Prometheus; a key unless serve.public_metrics), GET /openapi.json and /docs (only with
+serve.docs), GET /healthz (no key: ready once the model is loaded). Every other endpoint needs
+a key (`Authorization: Bearer ...`) whenever keys are set, and a non-loopback bind without
+keys refuses to start.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real Request type.
 
 import asyncio
-import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 
 from cmevlm.config import RunConfig, load_config
-from cmevlm.serve.requests import BadRequest, chat_conversation, check_auth, explain_inputs, generation_params
+from cmevlm.serve.requests import (BadRequest, chat_conversation, check_bind, check_key, check_length, explain_inputs,
+                                   generation_params, parse, read_body, serving_keys)
+from cmevlm.serve.schemas import ChatRequest, ExplainRequest
+from cmevlm.serve.sse import sse_chunks
 
 log = logging.getLogger("cmevlm.serve")
-api = FastAPI(title="cmevlm", description="Anatomy explanation for Complete Mesocolic Excision, served inside the hospital.")
+api = FastAPI(title="cmevlm", description="Anatomy explanation for Complete Mesocolic Excision, served inside the hospital.",
+              docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+    fast = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+    return reg, {
+        "requests": Counter("cmevlm_requests_total", "HTTP requests by endpoint and the status answered", ["endpoint", "status"], registry=reg),
+        "latency": Histogram("cmevlm_request_latency_seconds", "Request latency", ["endpoint"], registry=reg,
+                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)),
+        "ttft": Histogram("cmevlm_time_to_first_token_seconds", "From a streamed request's arrival to its first token", registry=reg, buckets=fast),
+        "queue": Histogram("cmevlm_queue_wait_seconds", "From a prepared request to the start of its batch", registry=reg, buckets=fast),
+        "tokens": Counter("cmevlm_tokens_total", "Tokens", ["kind"], registry=reg),
+        "batch": Histogram("cmevlm_batch_size", "Requests per generate batch", registry=reg, buckets=(1, 2, 4, 8, 16, 32, 64)),
+        "replicas": Gauge("cmevlm_replicas", "Running replicas of the deployment (as this replica last saw them)", registry=reg),
+    }
+
+
+REGISTRY, METRICS = _metrics()
 
 
 @dataclass
 class Job:
-    conversation: list[dict]
-    images: list
+    """One choice of one request, prepared, waiting for a batch."""
+
+    rid: str
+    prepared: dict  # model inputs of this request alone (cmevlm.model.streaming.prepare)
     max_tokens: int
     temperature: float
     top_p: float
     seed: int
-    result: tuple = field(default=())
+    sink: Callable | None = None  # receives the streamed pieces, then None
+    enqueued: float = field(default_factory=time.time)
 
 
-def _metrics():
-    from prometheus_client import CollectorRegistry, Counter, Histogram
-
-    reg = CollectorRegistry()
-    return reg, {
-        "requests": Counter("cmevlm_requests_total", "HTTP requests", ["endpoint", "status"], registry=reg),
-        "latency": Histogram("cmevlm_request_latency_seconds", "Request latency", ["endpoint"], registry=reg,
-                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)),
-        "tokens": Counter("cmevlm_tokens_total", "Tokens", ["kind"], registry=reg),
-        "batch": Histogram("cmevlm_batch_size", "Requests per generate batch", registry=reg, buckets=(1, 2, 4, 8, 16, 32, 64)),
-    }
+class GenerationFailed(Exception):
+    pass
 
 
-def _sse(rid: str, created: int, model: str, results):
-    """Server-sent events in the OpenAI streaming shape: a role chunk, word chunks, a final
-    chunk with finish_reason, then [DONE]."""
-    for i, (text, _, _) in enumerate(results):
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-        yield f"data: {json.dumps({**base, 'choices': [{'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
-        words = text.split(" ")
-        for k, w in enumerate(words):
-            piece = w if k == 0 else " " + w
-            yield f"data: {json.dumps({**base, 'choices': [{'index': i, 'delta': {'content': piece}, 'finish_reason': None}]})}\n\n"
-        yield f"data: {json.dumps({**base, 'choices': [{'index': i, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
-    yield "data: [DONE]\n\n"
+def _error(status: int, message: str) -> JSONResponse:
+    kind = {401: "authentication_error", 413: "request_too_large", 500: "server_error"}.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def openapi_schema() -> dict:
+    """The OpenAPI document, with the typed request bodies (the handlers read raw bodies to
+    count their bytes, so FastAPI cannot infer them)."""
+    from fastapi.openapi.utils import get_openapi
+
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version="1", description=api.description, routes=api.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ChatRequest, ExplainRequest):
+            s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(s.pop("$defs", {}))
+            components[model.__name__] = s
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+def _body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _replica_count() -> int | None:
+    """Running replicas of this deployment, asked of Serve's controller; None when it cannot be
+    reached (the gauge then keeps its last value and the scrape still answers)."""
+    import ray
+
+    try:
+        controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        details = ray.get(controller.get_serve_instance_details.remote(), timeout=5)
+        deployment = details["applications"]["cmevlm"]["deployments"]["VLMServer"]
+        return sum(1 for r in deployment["replicas"] if r["state"] == "RUNNING")
+    except Exception as e:  # noqa: BLE001 - metrics must never fail the scrape
+        log.warning("replica count unavailable: %s: %s", type(e).__name__, e)
+        return None
 
 
 # Helpers above stay above: Serve ships this class to replicas with the globals it sees here.
@@ -80,10 +130,10 @@ class VLMServer:
         from cmevlm.model.loading import load
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
+        self.keys = serving_keys(self.cfg)
         s = self.cfg.serve
         self.model, self.processor = load(self.cfg, model_uri, dtype=s.dtype, num_gpus=s.num_gpus_per_replica)
-        self.keys = s.api_keys or [k for k in os.environ.get("CMEVLM_API_KEYS", "").split(",") if k]
-        self.registry, self.m = _metrics()
+        self.processor.tokenizer.padding_side = "left"
         self.generate_batch.set_max_batch_size(s.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.ready = True
@@ -91,116 +141,186 @@ class VLMServer:
     # -- batching ---------------------------------------------------------------------------
 
     @serve.batch  # its size and wait come from serve.max_batch_size / batch_wait_timeout_s (set in __init__)
-    async def generate_batch(self, jobs: list[Job]) -> list[tuple[str, int, int]]:
-        """One generate call per (temperature, top_p, max_tokens) group of the batch."""
-        from cmevlm.model.generate import Setting, generate_chat
+    async def generate_batch(self, jobs: list[Job]) -> list:
+        """One generate call per (temperature, top_p, max_tokens) group; a failing group fails
+        alone (its requests get a GenerationFailed), the others are answered."""
+        from cmevlm.model.streaming import generate_prepared
 
-        self.m["batch"].observe(len(jobs))
+        now = time.time()
+        for j in jobs:
+            METRICS["queue"].observe(now - j.enqueued)
+        METRICS["batch"].observe(len(jobs))
         out: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
             groups.setdefault((j.temperature, j.top_p, j.max_tokens), []).append(i)
         for (temp, top_p, max_tokens), idx in groups.items():
-            setting = Setting(temp, top_p, jobs[idx[0]].seed) if temp > 0 else None
-            images = [img for i in idx for img in jobs[i].images]
-            res = await asyncio.to_thread(generate_chat, self.model, self.processor, [jobs[i].conversation for i in idx], images, max_tokens, setting)
+            group = [jobs[i] for i in idx]
+            sampling = (temp, top_p, group[0].seed) if temp > 0 else None
+            sinks = [j.sink or (lambda piece: None) for j in group] if any(j.sink for j in group) else None
+            try:
+                res = await asyncio.to_thread(generate_prepared, self.model, self.processor.tokenizer, [j.prepared for j in group],
+                                              max_tokens, sampling, sinks)
+            except Exception as e:
+                log.exception("generation failed for the batch of requests %s", sorted({j.rid for j in group}))
+                res = [GenerationFailed(f"generation failed ({type(e).__name__}); request {j.rid}") for j in group]
+                for j in group:
+                    if j.sink:
+                        j.sink(None)
             for i, r in zip(idx, res):
                 out[i] = r
         return out
 
-    async def _complete(self, conv, images, p: dict) -> list[tuple[str, int, int]]:
+    def _prepare(self, conv, images, max_tokens: int) -> dict:
+        """One request's model inputs, in a worker thread: what the processor refuses (a 1 x 300
+        image, an absurd aspect ratio) is this request's 400, and so is a prompt too long."""
+        from cmevlm.model.streaming import prepare
+
+        try:
+            prepared = prepare(self.processor, conv, images)
+        except (ValueError, TypeError) as e:
+            raise BadRequest(400, f"the image cannot be processed: {e}") from None
+        check_length(int(prepared["input_ids"].shape[1]), max_tokens, self.cfg)
+        return prepared
+
+    def _jobs(self, rid: str, prepared: dict, p: dict) -> list[Job]:
         seeds = [p["seed"] if p["seed"] is not None else k for k in range(p["n"])]
-        jobs = [Job(conv, images, p["max_tokens"], p["temperature"], p["top_p"], seed) for seed in seeds]
-        return await asyncio.gather(*[self.generate_batch(j) for j in jobs])
+        return [Job(rid, prepared, p["max_tokens"], p["temperature"], p["top_p"], seed) for seed in seeds]
+
+    async def _answer(self, jobs: list[Job]) -> list[tuple[str, int, int]]:
+        results = await asyncio.gather(*[self.generate_batch(j) for j in jobs])
+        failed = next((r for r in results if isinstance(r, GenerationFailed)), None)
+        if failed:
+            raise failed
+        return results
+
+    def _stream(self, jobs: list[Job], rid: str, created: int, include_usage: bool, t0: float):
+        """Attach a sink to every job and return the SSE generator that forwards their pieces."""
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        for i, j in enumerate(jobs):
+            j.sink = lambda piece, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, piece))
+        task = asyncio.ensure_future(asyncio.gather(*[self.generate_batch(j) for j in jobs]))
+        return sse_chunks(rid, created, self.cfg.serve.name, len(jobs), queue, task, include_usage,
+                          on_first=lambda: METRICS["ttft"].observe(time.time() - t0), max_tokens=jobs[0].max_tokens)
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    async def _guarded(self, request: Request, endpoint: str, handler):
-        t0 = time.time()
-        status = 200
+    async def _guarded(self, request: Request, endpoint: str, handler, key: bool = True):
+        """Key check (all but /healthz), client errors as OpenAI-shaped JSON, a failed batch as
+        a 500 with the request id, and the status really answered in /metrics. (Checks live
+        here, not in route dependencies or middleware: Serve ships this class to replicas with
+        copies of module globals.)"""
+        t0, status = time.time(), 500
         try:
-            check_auth(request.headers.get("authorization"), self.keys)
-            length = int(request.headers.get("content-length") or 0)
-            if length > self.cfg.serve.max_body_bytes:
-                async for _ in request.stream():  # drain without keeping it, so the client reads the 413
-                    pass
-                raise BadRequest(413, f"request body of {length} bytes exceeds {self.cfg.serve.max_body_bytes}")
-            raw = await request.body()
-            if len(raw) > self.cfg.serve.max_body_bytes:
-                raise BadRequest(413, f"request body exceeds {self.cfg.serve.max_body_bytes} bytes")
-            try:
-                body = json.loads(raw or b"{}")
-            except json.JSONDecodeError as e:
-                raise BadRequest(400, f"body is not valid JSON: {e.msg}") from None
-            if not isinstance(body, dict):
-                raise BadRequest(400, "body must be a JSON object")
-            if self.cfg.serve.log_requests:
-                log.info("%s request: %s", endpoint, {k: v for k, v in body.items() if k not in ("frame", "mask")})
-            return await handler(body)
+            if key:
+                check_key(request.headers.get("authorization"), self.keys)
+            response = await handler()
+            status = getattr(response, "status_code", 200)
+            return response
         except BadRequest as e:
             status = e.status
-            return JSONResponse({"error": {"message": e.message, "type": "invalid_request_error", "code": e.status}}, status_code=e.status)
+            return _error(e.status, e.message)
+        except GenerationFailed as e:
+            return _error(500, str(e))
         finally:
-            self.m["requests"].labels(endpoint, str(status)).inc()
-            self.m["latency"].labels(endpoint).observe(time.time() - t0)
+            METRICS["requests"].labels(endpoint, str(status)).inc()
+            METRICS["latency"].labels(endpoint).observe(time.time() - t0)
 
     # -- endpoints --------------------------------------------------------------------------
 
     @api.get("/healthz")
-    def healthz(self):
-        return {"status": "ok", "model": self.cfg.serve.name} if getattr(self, "ready", False) else JSONResponse({"status": "loading"}, 503)
+    async def healthz(self, request: Request):
+        async def handle():
+            return {"status": "ok", "model": self.cfg.serve.name} if getattr(self, "ready", False) else JSONResponse({"status": "loading"}, 503)
+
+        return await self._guarded(request, "healthz", handle, key=False)
 
     @api.get("/v1/models")
-    def models(self):
-        return {"object": "list", "data": [{"id": self.cfg.serve.name, "object": "model", "created": 0, "owned_by": "cmevlm"}]}
+    async def models(self, request: Request):
+        async def handle():
+            return {"object": "list", "data": [{"id": self.cfg.serve.name, "object": "model", "created": 0, "owned_by": "cmevlm"}]}
+
+        return await self._guarded(request, "models", handle)
 
     @api.get("/metrics")
-    def metrics(self):
-        from prometheus_client import generate_latest
+    async def metrics(self, request: Request):
+        async def handle():
+            from prometheus_client import generate_latest
 
-        return PlainTextResponse(generate_latest(self.registry).decode(), media_type="text/plain; version=0.0.4")
+            # (set here, not in the helper: Serve ships this class with its own copy of METRICS)
+            if (running := await asyncio.to_thread(_replica_count)) is not None:
+                METRICS["replicas"].set(running)
+            return PlainTextResponse(generate_latest(REGISTRY).decode(), media_type="text/plain; version=0.0.4")
 
-    @api.post("/v1/chat/completions")
+        return await self._guarded(request, "metrics", handle, key=not self.cfg.serve.public_metrics)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        async def handle():
+            return openapi_schema() if self.cfg.serve.docs else _error(404, "not found (serve.docs is off)")
+
+        return await self._guarded(request, "openapi", handle)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        async def handle():
+            from fastapi.openapi.docs import get_swagger_ui_html
+
+            if not self.cfg.serve.docs:
+                return _error(404, "not found (serve.docs is off)")
+            return HTMLResponse(get_swagger_ui_html(openapi_url="/openapi.json", title="cmevlm").body)
+
+        return await self._guarded(request, "docs", handle)
+
+    @api.post("/v1/chat/completions", openapi_extra=_body(ChatRequest))
     async def chat(self, request: Request):
-        async def handle(body):
-            p = generation_params(body, self.cfg)
-            conv, images = chat_conversation(body, self.cfg)
-            results = await self._complete(conv, images, p)
-            prompt_tokens = results[0][2]
-            completion = sum(r[1] for r in results)
-            self.m["tokens"].labels("prompt").inc(prompt_tokens)
-            self.m["tokens"].labels("completion").inc(completion)
-            rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-            if p["stream"]:
-                return StreamingResponse(_sse(rid, created, self.cfg.serve.name, results), media_type="text/event-stream")
-            return {
-                "id": rid, "object": "chat.completion", "created": created, "model": self.cfg.serve.name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "length" if n >= p["max_tokens"] else "stop"} for i, (text, n, _) in enumerate(results)],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion},
-            }
+        return await self._guarded(request, "chat", lambda: self._chat(request, time.time()))
 
-        return await self._guarded(request, "chat", handle)
+    async def _chat(self, request: Request, t0: float):
+        req = parse(ChatRequest, await read_body(request, self.cfg.serve.max_body_bytes))
+        if self.cfg.serve.log_requests:  # off by default: patient data stays out of logs
+            log.info("chat request: %s", [m.content if isinstance(m.content, str) else [getattr(x, "text", "<image>") for x in m.content]
+                                          for m in req.messages])
+        p = generation_params(req, self.cfg)
+        conv, images = await asyncio.to_thread(chat_conversation, req, self.cfg)
+        prepared = await asyncio.to_thread(self._prepare, conv, images, p["max_tokens"])
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        jobs = self._jobs(rid, prepared, p)
+        if p["stream"]:
+            return StreamingResponse(self._stream(jobs, rid, created, p["include_usage"], t0), media_type="text/event-stream")
+        results = await self._answer(jobs)
+        prompt_tokens, completion = results[0][2], sum(r[1] for r in results)
+        METRICS["tokens"].labels("prompt").inc(prompt_tokens)
+        METRICS["tokens"].labels("completion").inc(completion)
+        return {
+            "id": rid, "object": "chat.completion", "created": created, "model": self.cfg.serve.name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "length" if n >= p["max_tokens"] else "stop"} for i, (text, n, _) in enumerate(results)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion},
+        }
 
-    @api.post("/v1/explain")
+    @api.post("/v1/explain", openapi_extra=_body(ExplainRequest))
     async def explain(self, request: Request):
-        async def handle(body):
-            t0 = time.time()
-            conv, composite = explain_inputs(body, self.cfg)
-            p = generation_params({"max_tokens": body.get("max_tokens", self.cfg.serve.default_max_tokens)}, self.cfg)
-            (text, n, prompt_tokens), = await self._complete(conv, [composite], p)
-            self.m["tokens"].labels("prompt").inc(prompt_tokens)
-            self.m["tokens"].labels("completion").inc(n)
-            return {"answer": text, "structure": body.get("structure"),
-                    "laterality": body.get("laterality"), "model": self.cfg.serve.name, "latency_ms": round(1000 * (time.time() - t0), 1)}
+        return await self._guarded(request, "explain", lambda: self._explain(request, time.time()))
 
-        return await self._guarded(request, "explain", handle)
+    async def _explain(self, request: Request, t0: float):
+        req = parse(ExplainRequest, await read_body(request, self.cfg.serve.max_body_bytes))
+        p = generation_params(req, self.cfg)
+        conv, composite = await asyncio.to_thread(explain_inputs, req, self.cfg)
+        prepared = await asyncio.to_thread(self._prepare, conv, [composite], p["max_tokens"])
+        (text, n, prompt_tokens), = await self._answer(self._jobs(f"explain-{uuid.uuid4().hex[:24]}", prepared, p))
+        METRICS["tokens"].labels("prompt").inc(prompt_tokens)
+        METRICS["tokens"].labels("completion").inc(n)
+        return {"answer": text, "structure": req.structure, "laterality": req.laterality, "model": self.cfg.serve.name,
+                "latency_ms": round(1000 * (time.time() - t0), 1)}
 
 
 def application(cfg: RunConfig):
-    """The bound Serve application for a run config."""
+    """The bound Serve application for a run config; refuses a non-loopback bind without keys."""
     from cmevlm.storage import stage_uri
 
+    check_bind(cfg)
     s = cfg.serve
     model_uri = stage_uri(cfg, s.model)
     actor = {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica}
@@ -209,7 +329,9 @@ def application(cfg: RunConfig):
     return VLMServer.options(
         name="VLMServer",
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                            "initial_replicas": max(1, s.min_replicas), "target_ongoing_requests": s.target_ongoing_requests},
+                            "initial_replicas": max(1, s.min_replicas), "target_ongoing_requests": s.target_ongoing_requests,
+                            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+                            "look_back_period_s": s.look_back_period_s},
         ray_actor_options=actor,
         max_ongoing_requests=max(2 * s.max_batch_size, 16),
     ).bind(cfg.model_dump_json(), model_uri)
@@ -225,10 +347,11 @@ def run(cfg: RunConfig, port: int | None = None, block: bool = True):
     """Start Serve on `serve.host:port` and deploy; blocks until interrupted when `block`."""
     from cmevlm.cluster import connect
 
+    app = application(cfg)  # first: a bind it refuses starts nothing
     connect(cfg.ray)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": port or s.port})
-    serve.run(application(cfg), name="cmevlm", route_prefix="/")
+    serve.run(app, name="cmevlm", route_prefix="/")
     log.info("serving %s on http://%s:%d", s.model, s.host, port or s.port)
     if not block:
         return

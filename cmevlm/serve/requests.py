@@ -1,20 +1,32 @@
-"""Request parsing and validation for the serving endpoint: plain functions, no Ray, no HTTP.
+"""Request checks of the serving endpoint: plain functions, no Ray, no HTTP.
 
-Each function raises `BadRequest(status, message)` for input a client must fix; the app turns
-it into an HTTP error. Images come only as base64 data (data URIs in the OpenAI format): the
-server fetches nothing.
+Each raises `BadRequest(status, message)` for input a client must fix; the app answers it
+with that status. The order is cheapest first: the body's size while it streams, its JSON and
+types (cmevlm.serve.schemas), then counts (images per request, tokens), and only then any
+decoding: an image's size is read from its header before its pixels, and a request is refused
+before it can cost the replica memory or time. Images come only as base64 data (data URIs in
+the OpenAI format): the server fetches nothing.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import io
+import os
+import time
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ValidationError
 
 from cmevlm.config import RunConfig
+from cmevlm.errors import ConfigError
+from cmevlm.serve.schemas import ChatRequest, ExplainRequest, error_message
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+KEYS_ENV = "CMEVLM_API_KEYS"
 
 
 class BadRequest(Exception):
@@ -23,11 +35,104 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
-def check_auth(header: str | None, keys: list[str]) -> None:
+# ---------------------------------------------------------------------------------------------
+# Who may call
+
+
+def serving_keys(cfg: RunConfig) -> list[str]:
+    """serve.api_keys, else CMEVLM_API_KEYS (comma-separated, from a Secret on a cluster)."""
+    return cfg.serve.api_keys or [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+
+
+def check_bind(cfg: RunConfig) -> None:
+    """A non-loopback bind without keys would serve patient images to anyone who can connect."""
+    if cfg.serve.host not in LOOPBACK and not serving_keys(cfg):
+        raise ConfigError(f"serve.host={cfg.serve.host} accepts connections from other machines: set API keys "
+                          f"(serve.api_keys or {KEYS_ENV}) or bind 127.0.0.1")
+
+
+def check_key(header: str | None, keys: list[str]) -> None:
+    """401 unless the bearer token is one of `keys` (constant-time comparison with each)."""
     if not keys:
         return
-    if not header or not header.startswith("Bearer ") or header[7:].strip() not in keys:
+    token = header[7:].strip() if header and header.startswith("Bearer ") else ""
+    ok = False
+    for k in keys:  # every key compared, so the time does not tell which one nearly matched
+        ok |= hmac.compare_digest(token.encode(), k.encode())
+    if not ok:
         raise BadRequest(401, "missing or invalid API key (Authorization: Bearer <key>)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The body
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, counted as it streams (chunked too): past `limit` (or a declared
+    Content-Length past it) nothing more is kept and the answer is a 413. Before answering, up
+    to 8 x `limit` more bytes are read and dropped (stopping at the first half-second without
+    data), so that a client that writes its whole body before reading (most HTTP libraries)
+    reads the 413 instead of a reset connection; memory stays bounded by `limit` either way."""
+    declared = request.headers.get("content-length")
+    too_big = declared is not None and (not declared.isdigit() or int(declared) > limit)
+    stream, chunks, n = request.stream(), [], 0
+    while not too_big:
+        try:
+            chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        n += len(chunk)
+        too_big = n > limit
+        chunks.append(chunk)
+    chunks.clear()
+    await _drain(stream, 8 * limit)
+    raise BadRequest(413, f"request body exceeds {limit} bytes" if declared is None else f"request body of {declared} bytes exceeds {limit}")
+
+
+async def _drain(stream, most: int, idle_s: float = 0.5, total_s: float = 5.0) -> None:
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    end, dropped = time.monotonic() + total_s, 0
+    try:
+        while dropped < most and time.monotonic() < end:
+            dropped += len(await asyncio.wait_for(stream.__anext__(), timeout=idle_s))
+    except (StopAsyncIteration, asyncio.TimeoutError, ClientDisconnect):
+        pass
+
+
+def parse(model: type[BaseModel], raw: bytes):
+    """The typed request, or 400 naming the fields (invalid JSON, non-UTF-8 and absurd nesting
+    included: pydantic's parser refuses them without recursing in Python)."""
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise BadRequest(400, f"body is not valid JSON: {e.errors()[0]['msg']}") from None
+        raise BadRequest(400, error_message(e)) from None
+
+
+def generation_params(req: ChatRequest | ExplainRequest, cfg: RunConfig) -> dict:
+    s = cfg.serve
+    max_tokens = req.max_tokens or getattr(req, "max_completion_tokens", None) or min(s.default_max_tokens, s.max_tokens_cap)
+    if max_tokens > s.max_tokens_cap:
+        raise BadRequest(400, f"max_tokens {max_tokens} exceeds the cap of {s.max_tokens_cap}")
+    chat = isinstance(req, ChatRequest)
+    return {"max_tokens": max_tokens, "temperature": float(req.temperature) if chat else 0.0, "top_p": float(req.top_p) if chat else 1.0,
+            "n": req.n if chat else 1, "seed": req.seed if chat else None, "stream": req.stream if chat else False,
+            "include_usage": bool(chat and req.stream_options and req.stream_options.include_usage)}
+
+
+def check_length(prompt_tokens: int, max_tokens: int, cfg: RunConfig) -> None:
+    """The prompt and the answer must fit the model's context (as vLLM's max_model_len)."""
+    if prompt_tokens + max_tokens > cfg.serve.max_model_len:
+        raise BadRequest(400, f"the prompt has {prompt_tokens} tokens: with max_tokens {max_tokens} it exceeds "
+                              f"serve.max_model_len {cfg.serve.max_model_len}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
 
 
 def decode_b64_image(data: str, max_pixels: int, what: str = "image") -> Image.Image:
@@ -50,77 +155,50 @@ def decode_b64_image(data: str, max_pixels: int, what: str = "image") -> Image.I
         img.load()
     except BadRequest:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadRequest(400, f"{what}: not a readable image ({type(e).__name__})") from None
     return img
 
 
-def generation_params(body: dict, cfg: RunConfig) -> dict:
-    s = cfg.serve
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", min(s.default_max_tokens, s.max_tokens_cap)))
-    temperature, top_p, n = body.get("temperature", 0.0), body.get("top_p", 1.0), body.get("n", 1)
-    for name, v, ok in (("max_tokens", max_tokens, isinstance(max_tokens, int) and max_tokens >= 1),
-                        ("temperature", temperature, isinstance(temperature, (int, float)) and 0 <= temperature <= 2),
-                        ("top_p", top_p, isinstance(top_p, (int, float)) and 0 < top_p <= 1),
-                        ("n", n, isinstance(n, int) and 1 <= n <= 8)):
-        if not ok:
-            raise BadRequest(400, f"invalid {name}: {v!r}")
-    if max_tokens > s.max_tokens_cap:
-        raise BadRequest(400, f"max_tokens {max_tokens} exceeds the cap of {s.max_tokens_cap}")
-    return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "n": n,
-            "seed": body.get("seed"), "stream": bool(body.get("stream", False))}
-
-
-def chat_conversation(body: dict, cfg: RunConfig) -> tuple[list[dict], list[Image.Image]]:
-    """OpenAI chat messages -> (conversation for the chat template, images in order)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest(400, "messages must be a non-empty list")
-    conv, images = [], []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise BadRequest(400, f"messages[{i}]: role must be system, user or assistant")
-        content = m.get("content")
-        if isinstance(content, str):
-            conv.append({"role": m["role"], "content": [{"type": "text", "text": content}]})
-            continue
-        if not isinstance(content, list):
-            raise BadRequest(400, f"messages[{i}].content must be a string or a list of parts")
-        parts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.append({"type": "text", "text": str(part.get("text", ""))})
-            elif kind == "image_url":
-                url = (part.get("image_url") or {}).get("url", "") if isinstance(part.get("image_url"), dict) else part.get("image_url", "")
-                images.append(decode_b64_image(url, cfg.serve.max_image_pixels, f"messages[{i}].content[{j}]").convert("RGB"))
-                parts.append({"type": "image"})
-            else:
-                raise BadRequest(400, f"messages[{i}].content[{j}]: type must be text or image_url")
-        conv.append({"role": m["role"], "content": parts})
-    if not images:
+def chat_conversation(req: ChatRequest, cfg: RunConfig) -> tuple[list[dict], list[Image.Image]]:
+    """The conversation for the chat template and its images in order, decoded only once their
+    number is known to be within serve.max_images_per_request."""
+    parts = [p for m in req.messages if not isinstance(m.content, str) for p in m.content]
+    n_images = sum(p.type == "image_url" for p in parts)
+    if n_images == 0:
         raise BadRequest(400, "the request has no image: send the frame as an image_url data URI")
+    if n_images > cfg.serve.max_images_per_request:
+        raise BadRequest(400, f"{n_images} images in one request; serve.max_images_per_request is {cfg.serve.max_images_per_request}")
+    conv, images = [], []
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, str):
+            conv.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
+            continue
+        content = []
+        for j, part in enumerate(m.content):
+            if part.type == "text":
+                content.append({"type": "text", "text": part.text})
+            else:
+                images.append(decode_b64_image(part.image_url.url, cfg.serve.max_image_pixels, f"messages.{i}.content.{j}").convert("RGB"))
+                content.append({"type": "image"})
+        conv.append({"role": m.role, "content": content})
     return conv, images
 
 
-def explain_inputs(body: dict, cfg: RunConfig) -> tuple[list[dict], Image.Image]:
+def explain_inputs(req: ExplainRequest, cfg: RunConfig) -> tuple[list[dict], Image.Image]:
     """/v1/explain: frame + mask -> the composite the model was trained on, and the question."""
     from cmevlm.data.composite import BadInput, build_composite, decode_mask
     from cmevlm.instructions import TEMPLATES
 
-    for key in ("frame", "mask"):
-        if not isinstance(body.get(key), str):
-            raise BadRequest(400, f"{key} (base64 image) is required")
-    frame = np.asarray(decode_b64_image(body["frame"], cfg.serve.max_image_pixels, "frame").convert("RGB"))
-    mask_img = decode_b64_image(body["mask"], cfg.serve.max_image_pixels, "mask")
+    frame = np.asarray(decode_b64_image(req.frame, cfg.serve.max_image_pixels, "frame").convert("RGB"))
+    mask_img = decode_b64_image(req.mask, cfg.serve.max_image_pixels, "mask")
     buf = io.BytesIO()
-    mask_img.save(buf, format="PNG")
+    mask_img.convert("L").save(buf, format="PNG")  # any mode (CMYK, RGBA, 16-bit) as one channel
     try:
         mask = decode_mask(buf.getvalue(), frame.shape[:2], binarize_multivalue=True)
     except BadInput as e:
         raise BadRequest(400, f"mask: {e}") from None
     d = cfg.data
     comp, _ = build_composite(frame, mask, d.image_size, d.resize, d.overlay_color, d.overlay_alpha)
-    question = body.get("question") or TEMPLATES[0].text
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": str(question)}]}]
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": req.question or TEMPLATES[0].text}]}]
     return conv, Image.fromarray(comp)

@@ -56,38 +56,41 @@ def cache_key(backend: str, model: str, payload: Payload, schema: type[BaseModel
 
 
 class AuditLog:
-    """`teacher/audit.jsonl`: one line per request. On local disk lines are appended at once
-    (one O_APPEND write per line, safe across processes); on object storage each process
-    writes its own part objects, which `merge_audit` joins into the one file."""
+    """`teacher/audit.jsonl`, written ahead: before a request leaves, a `sent` record (item,
+    backend, model, each part's kind, size and sha256: what leaves, never its content), fsynced;
+    after it, an `outcome` record with the same request_id (tokens, cost, response hash, or the
+    error). A process killed in between leaves a `sent` record without an outcome, so nothing
+    that left the site is ever missing from the log. On object storage each record is its own
+    object (Storage.append_text); `merge_audit` folds them into the file."""
 
     def __init__(self, storage: Storage, uri: str):
         self.storage, self.uri = storage, uri
-        self.buffer: list[str] = []
-        self.part = f"{uri}.parts/{uuid.uuid4().hex}"
-        self.seq = 0
 
-    def write(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True) + "\n"
-        if is_s3(self.uri):
-            self.buffer.append(line)
-        else:
-            self.storage.append_text(self.uri, line)
+    def sent(self, record: dict) -> str:
+        rid = uuid.uuid4().hex
+        self._append({"event": "sent", "request_id": rid, **record})
+        return rid
+
+    def outcome(self, rid: str, record: dict) -> None:
+        self._append({"event": "outcome", "request_id": rid, **record})
+
+    def _append(self, record: dict) -> None:
+        self.storage.append_text(self.uri, json.dumps(record, sort_keys=True) + "\n", fsync=True)
 
     def flush(self) -> None:
-        if self.buffer:
-            self.storage.write_text(f"{self.part}-{self.seq:06d}.jsonl", "".join(self.buffer))
-            self.buffer, self.seq = [], self.seq + 1
+        """Nothing is buffered (kept for the pool's end-of-batch call)."""
 
 
 def merge_audit(storage: Storage, uri: str) -> int:
-    """Join part objects into `uri` (object storage); returns the number of lines."""
-    parts = storage.list_files(uri + ".parts", ".jsonl")
+    """Fold the record objects of object storage into `uri`; returns the number of requests
+    with an outcome."""
+    parts = storage.list_files(uri + ".d") if is_s3(uri) else []
+    text = storage.read_appended(uri)
     if parts:
-        old = storage.read_text(uri) if storage.exists(uri) else ""
-        storage.write_text(uri, old + "".join(storage.read_text(p) for p in parts))
+        storage.write_text(uri, text)
         for p in parts:
             storage.delete(p)
-    return len(storage.read_text(uri).splitlines()) if storage.exists(uri) else 0
+    return sum(json.loads(line).get("event") == "outcome" for line in text.splitlines() if line.strip())
 
 
 class TeacherClient:
@@ -121,11 +124,11 @@ class TeacherClient:
                 "backend": self.backend.name, "model": self.cfg.model, "attempt": attempt,
                 "parts": [p.describe() for p in payload.parts], **extra}
 
-    def _accept(self, payload: Payload, schema: type[BaseModel], key: str, reply, record: dict, requests: int) -> Answer | str:
+    def _accept(self, payload: Payload, schema: type[BaseModel], key: str, reply, record: dict, requests: int, rid: str) -> Answer | str:
         """Audit one reply; cache and return its Answer, or return why it is malformed."""
         cost = self._cost(reply.input_tokens, reply.output_tokens, batch="batch_job" in record)
-        self.audit.write({**record, "response_sha256": hashlib.sha256(reply.text.encode()).hexdigest(),
-                          "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens, "cost_usd": round(cost, 8)})
+        self.audit.outcome(rid, {**record, "response_sha256": hashlib.sha256(reply.text.encode()).hexdigest(),
+                                 "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens, "cost_usd": round(cost, 8)})
         try:
             value = schema.model_validate_json(_strip_fences(reply.text))
         except ValidationError as e:
@@ -140,22 +143,23 @@ class TeacherClient:
         hit = self._from_cache(key, schema)
         if hit is not None:
             return hit
-        guard(payload, self.cfg.mask_size)  # raises PrivacyViolation: nothing is sent
+        payload = guard(payload, self.cfg.mask_size)  # what may leave, re-encoded; PrivacyViolation: nothing is sent
         est_tokens = len(payload.text) // 4 + 258 * (payload.mask is not None) + self.cfg.max_output_tokens
         raw, last_error = "", ""
         for attempt in range(1, self.cfg.max_attempts + 1):
             self.wait(est_tokens)
             t0 = time.time()
             record = self._record(payload, attempt)
+            rid = self.audit.sent(record)  # on disk before a byte leaves
             try:
                 reply = self.backend.send(payload, schema)
             except Exception as e:  # transport failures the SDK's own retries did not cure
                 last_error = f"{type(e).__name__}: {e}"[:500]
-                self.audit.write({**record, "error": last_error, "seconds": round(time.time() - t0, 3)})
+                self.audit.outcome(rid, {**record, "error": last_error, "seconds": round(time.time() - t0, 3)})
                 self._backoff(attempt)
                 continue
             raw = reply.text
-            got = self._accept(payload, schema, key, reply, {**record, "seconds": round(time.time() - t0, 3)}, attempt)
+            got = self._accept(payload, schema, key, reply, {**record, "seconds": round(time.time() - t0, 3)}, attempt, rid)
             if isinstance(got, Answer):
                 return got
             last_error = got
@@ -175,7 +179,7 @@ class TeacherClient:
                 results[i] = hit
                 continue
             try:
-                guard(p, self.cfg.mask_size)
+                p = guard(p, self.cfg.mask_size)
             except PrivacyViolation as e:
                 results[i] = e
                 continue
@@ -187,14 +191,16 @@ class TeacherClient:
         if self.storage.exists(record_uri):
             job = self.storage.read_json(record_uri)["job"]
             log.info("batch job %s was submitted before; collecting it", job)
-        else:
+            rids = self.storage.read_json(record_uri).get("request_ids") or [uuid.uuid4().hex for _ in todo]
+        else:  # every payload is audited as sent before the job is submitted
+            rids = [self.audit.sent(self._record(p, 1, batch=chunk)) for _, p, _ in todo]
             job = self.backend.submit_batch([p for _, p, _ in todo], schema, f"cmevlm-{chunk}")
-            self.storage.write_json(record_uri, {"job": job, "items": [p.item_id for _, p, _ in todo]})
+            self.storage.write_json(record_uri, {"job": job, "items": [p.item_id for _, p, _ in todo], "request_ids": rids})
         replies = self.backend.collect_batch(job, self.cfg.batch_poll_s)
-        for (i, p, key), reply in zip(todo, replies):
+        for (i, p, key), reply, rid in zip(todo, replies, rids):
             got = "batch request failed"
             if reply is not None:
-                got = self._accept(p, schema, key, reply, self._record(p, 1, batch_job=job), 1)
+                got = self._accept(p, schema, key, reply, self._record(p, 1, batch_job=job), 1, rid)
             if isinstance(got, Answer):
                 results[i] = got
                 continue

@@ -1,17 +1,21 @@
 """The one way anything leaves the site: a payload of text and, at most, a binary mask.
 
 Every request to any teacher or judge backend is a `Payload` built by `build_payload` and
-checked by `guard` right before it is handed to a backend. The guard accepts an image part
-only if it is a PNG of exactly two values (0 and 255), no larger than `mask_size` on either
-side, and byte-identical to the mask derived from that item's own mask (hash match). Anything
-else raises `PrivacyViolation` and nothing is sent. Backends receive only guarded payloads.
+passed through `guard` right before it is handed to a backend; backends receive only what the
+guard returns. The guard trusts no byte of the payload: an image part must decode to a single
+PNG frame of exactly two values (0 and 255), no larger than `mask_size` on either side, whose
+pixels equal the item's own mask (a hash of the pixels, not of the file); what is sent is then
+a fresh encoding of those pixels, so nothing else a file can carry (text or EXIF chunks, data
+after IEND, a palette, other frames) ever leaves. Text parts may not carry data: URIs or long
+base64 runs. Anything else raises `PrivacyViolation` and nothing is sent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -42,7 +46,7 @@ class Payload:
     item_id: str
     system: str
     parts: tuple[Part, ...]
-    expected_mask_sha256: str | None = None  # hash of the one mask this item may send
+    expected_mask_sha256: str | None = None  # pixel_sha256 of the one mask this item may send
     params: dict = field(default_factory=dict)  # generation parameters (temperature, max tokens)
     # What the text says, as data (structure, side, ...), for the offline stand-in teacher and
     # judge. Never sent and never audited: real backends send the system prompt and the parts.
@@ -57,8 +61,13 @@ class Payload:
         return next((p.data for p in self.parts if p.kind == "mask"), None)
 
 
-def mask_for_teacher(mask_png: bytes, mask_size: int) -> bytes:
-    """The item's binary mask as it may be sent: 0/255, at most `mask_size` px a side."""
+def pixel_sha256(mask: np.ndarray) -> str:
+    """A binary mask's identity: its shape and its pixels, whatever file they came in."""
+    h, w = mask.shape
+    return hashlib.sha256(f"{h}x{w}|".encode() + np.packbits(mask.astype(bool)).tobytes()).hexdigest()
+
+
+def _mask_pixels(mask_png: bytes, mask_size: int) -> np.ndarray:
     with Image.open(io.BytesIO(mask_png)) as img:
         arr = np.asarray(img.convert("L")) > 0
     h, w = arr.shape
@@ -66,7 +75,12 @@ def mask_for_teacher(mask_png: bytes, mask_size: int) -> bytes:
         scale = mask_size / max(h, w)
         small = Image.fromarray(arr.astype(np.uint8) * 255).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST)
         arr = np.asarray(small) > 127
-    return encode_png(arr.astype(np.uint8) * 255, compress_level=9)
+    return arr
+
+
+def mask_for_teacher(mask_png: bytes, mask_size: int) -> bytes:
+    """The item's binary mask as it may be sent: 0/255, at most `mask_size` px a side."""
+    return encode_png(_mask_pixels(mask_png, mask_size).astype(np.uint8) * 255, compress_level=9)
 
 
 def build_payload(item_id: str, system: str, text: str, mask_png: bytes | None, mask_size: int, params: dict | None = None,
@@ -76,47 +90,73 @@ def build_payload(item_id: str, system: str, text: str, mask_png: bytes | None, 
     parts = [Part("text", text=text)]
     expected = None
     if mask_png is not None:
-        data = mask_for_teacher(mask_png, mask_size)
-        parts.append(Part("mask", data=data))
-        expected = hashlib.sha256(data).hexdigest()
+        pixels = _mask_pixels(mask_png, mask_size)
+        parts.append(Part("mask", data=encode_png(pixels.astype(np.uint8) * 255, compress_level=9)))
+        expected = pixel_sha256(pixels)
     return Payload(item_id=item_id, system=system, parts=tuple(parts), expected_mask_sha256=expected, params=dict(params or {}),
                    facts=dict(facts or {}))
 
 
-def guard(payload: Payload, mask_size: int) -> None:
-    """Raise PrivacyViolation unless every part is text or this item's own 0/255 PNG mask."""
-    if not isinstance(payload.system, str):
-        raise PrivacyViolation("system prompt is not text")
-    masks = 0
+# A data: URI, or a run of base64 long enough to carry an image (with a digit, + or / in it:
+# plain words are letters only).
+DATA_URI = re.compile(r"data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
+BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{256,}={0,2}")
+
+
+def _check_text(text, where: str) -> None:
+    if not isinstance(text, str):
+        raise PrivacyViolation(f"{where} is not text")
+    if DATA_URI.search(text):
+        raise PrivacyViolation(f"{where} carries a data: URI")
+    if any(re.search(r"[0-9+/]", m.group(0)) for m in BASE64_RUN.finditer(text)):
+        raise PrivacyViolation(f"{where} carries a long base64 run")
+
+
+def guard(payload: Payload, mask_size: int) -> Payload:
+    """The payload that may be sent: every text part checked, the one mask (if any) re-encoded
+    from its pixels once they are shown to be this item's 0/255 mask. Raises PrivacyViolation
+    for anything else."""
+    _check_text(payload.system, "the system prompt")
+    parts, masks = [], 0
     for part in payload.parts:
         if part.kind == "text":
-            if not isinstance(part.text, str) or part.data:
+            if part.data:
                 raise PrivacyViolation("a text part carries binary data")
+            _check_text(part.text, "a text part")
+            parts.append(Part("text", text=part.text))
             continue
         if part.kind != "mask":
             raise PrivacyViolation(f"part kind {part.kind!r} is not allowed (only text and mask)")
         masks += 1
-        _check_mask(part.data, mask_size)
-        if payload.expected_mask_sha256 is None or hashlib.sha256(part.data).hexdigest() != payload.expected_mask_sha256:
+        if masks > 1:
+            raise PrivacyViolation(f"item {payload.item_id}: at most one mask may be sent")
+        pixels = _check_mask(part.data, mask_size)
+        if payload.expected_mask_sha256 is None or pixel_sha256(pixels) != payload.expected_mask_sha256:
             raise PrivacyViolation(f"item {payload.item_id}: the image part is not this item's mask (hash mismatch)")
-    if masks > 1:
-        raise PrivacyViolation(f"item {payload.item_id}: {masks} images; at most one mask may be sent")
+        parts.append(Part("mask", data=encode_png(pixels.astype(np.uint8) * 255, compress_level=9)))
+    return replace(payload, parts=tuple(parts))
 
 
-def _check_mask(data: bytes, mask_size: int) -> None:
+def _check_mask(data: bytes, mask_size: int) -> np.ndarray:
+    """The mask's pixels (True = structure), or PrivacyViolation."""
     if not isinstance(data, (bytes, bytearray)) or not data.startswith(PNG_MAGIC):
         raise PrivacyViolation("image part is not a PNG")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if getattr(img, "n_frames", 1) != 1:
+                raise PrivacyViolation("image part has more than one frame")
             img.load()
             mode, (w, h) = img.mode, img.size
-            arr = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise PrivacyViolation(f"image part cannot be decoded: {e}") from None
-    if mode != "L" or arr.ndim != 2:
+            arr = np.asarray(img.convert("L") if mode in ("1", "P") else img)
+    except PrivacyViolation:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises, nothing is sent
+        raise PrivacyViolation(f"image part cannot be decoded: {type(e).__name__}: {e}") from None
+    if mode not in ("L", "1", "P") or arr.ndim != 2:
         raise PrivacyViolation(f"image part is not single-channel (mode {mode})")
     if max(w, h) > mask_size:
         raise PrivacyViolation(f"image part is {w}x{h}, larger than teacher.mask_size={mask_size}")
     values = set(np.unique(arr).tolist())
     if values != {0, 255}:
         raise PrivacyViolation(f"image part has values {sorted(values)[:6]}, not exactly 0 and 255")
+    return arr > 0
