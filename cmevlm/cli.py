@@ -126,6 +126,8 @@ def cmd_tiny_model(args) -> int:
 def cmd_stage(args) -> int:
     """Any pipeline stage: run it (or skip it when complete) and say what it produced."""
     st = stages.get(args.command)
+    if getattr(args, "estimate", False):
+        return _estimate(args.command, _load(args))
     m = st.run(_load(args), force=args.force)
     print(f"{args.command}: {st.summary(m)}{' (skipped: already complete)' if m.get('skipped') else ''}")
     if getattr(args, "strict", False) and m.get("quarantined"):
@@ -134,10 +136,22 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def _estimate(stage: str, cfg) -> int:
+    """`--estimate`: what the stage's LLM requests would cost; nothing is sent."""
+    import importlib
+
+    from cmevlm.teacher.pool import estimate_text
+
+    print(estimate_text(importlib.import_module(stages.get(stage).module).estimate(cfg)))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from cmevlm.evaluate import evaluation, expert, report
 
     cfg = _load(args)
+    if args.estimate:
+        return _estimate("evaluate", cfg)
     if args.import_expert_sheet:
         result = expert.import_sheet(cfg, args.import_expert_sheet)
         for m, v in result.items():
@@ -148,6 +162,8 @@ def cmd_evaluate(args) -> int:
     m = evaluation.run(cfg, force=args.force)
     print(report.summary_text(m))
     print(report.tests_text(m))
+    if report.sampled_text(m):
+        print(report.sampled_text(m))
     if report.left_out_text(m):
         print(report.left_out_text(m))
     print(f"report: {cfg.workdir}/eval/report.html")
@@ -221,7 +237,9 @@ def cmd_demo(args) -> int:
     except StageFailed as e:
         print(f"demo: {e}", file=sys.stderr)
         return 1
-    print(f"\nTable 1 ({summary['metrics']['n_test']} held-out test items from unseen procedures):\n{summary['table']}")
+    print(f"\nTable 1 ({summary['metrics']['n_test']} held-out test items from unseen procedures), greedy:\n{summary['table']}")
+    if summary.get("sampled"):
+        print(f"\n{summary['sampled']}")
     print(f"\ndemo: done in {time.time() - t0:.0f} s; report: {cfg.workdir}/eval/report.html")
     r = summary["review"]
     where = f" --set workdir={cfg.workdir}" if args.workdir else ""
@@ -322,6 +340,9 @@ def _stage_commands(sub) -> None:
         p = _stage(sub, stage, cmd_evaluate if stage == "evaluate" else cmd_stage, st.help, st.description, force=st.force)
         if stage == "ingest":
             p.add_argument("--strict", action="store_true", help="exit 1 when anything was quarantined")
+        if st.calls_teacher:
+            p.add_argument("--estimate", action="store_true",
+                           help="print the requests, input/output/thinking tokens and cost this stage would send; send nothing")
         if stage == "evaluate":
             p.add_argument("--export-expert-sheet", action="store_true", help="also write eval/expert_sheet.{csv,html} for a surgeon")
             p.add_argument("--import-expert-sheet", metavar="FILE", help="validate a filled expert sheet and merge it into the report")

@@ -132,6 +132,17 @@ class LLMConfig(_Section):
     batch: bool = Field(False, description="Use the Gemini Batch API (half price, hours of latency); gemini only.")
     batch_max_requests: int = Field(1000, ge=1, description="Requests per batch job.")
     batch_poll_s: float = Field(30.0, gt=0, description="Seconds between polls of a batch job.")
+    thinking_budget: int | None = Field(0, ge=0, description="Tokens the model may think before it answers (Gemini 2.5 ThinkingConfig): 0 = no thinking where the model allows it (2.5 Flash; the cheapest: thoughts are billed as output), null = the model's own default (dynamic, up to 8192 tokens on 2.5 Flash). The request's limit is the answer's max_output_tokens plus this budget.")
+    safety_settings: dict[str, str] = Field(
+        default_factory=lambda: {c: "BLOCK_ONLY_HIGH" for c in ("HARM_CATEGORY_DANGEROUS_CONTENT", "HARM_CATEGORY_HARASSMENT",
+                                                                  "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT")},
+        description="Gemini safety thresholds per category. Surgical anatomy (incisions, vessels, organs) trips the default thresholds now and then; BLOCK_ONLY_HIGH keeps the filters on for what is clearly harmful. A blocked prompt is quarantined at once, never retried.")
+    max_cost_usd: float | None = Field(None, gt=0, description="Stop the stage cleanly once the audited cost of this LLM would pass this many USD (everything paid for is kept and cached; a rerun with a higher cap resumes); null = no cap.")
+
+
+# When thinking_budget is null, the request's limit is raised by this many tokens (the most
+# Gemini 2.5 Flash thinks by default), so thoughts never eat the answer's own tokens.
+DEFAULT_THINKING_ALLOWANCE = 8192
 
 
 class TeacherConfig(LLMConfig):
@@ -255,6 +266,9 @@ class EvaluateConfig(_Section):
     judge_accuracy_weight: float = Field(0.8, ge=0, description="Weight of clinical/factual accuracy in the judge composite.")
     judge_conciseness_weight: float = Field(0.2, ge=0, description="Weight of conciseness in the judge composite.")
     expert_n: int = Field(40, ge=1, description="Items on the expert sheet.")
+    sampling: list[SamplingSetting] = Field(
+        default_factory=lambda: [SamplingSetting(temperature=0.7, top_p=0.9, seed=2024)],
+        description="Decoding modes besides greedy, each a (temperature, top_p, seed): Table 1 and the Wilcoxon tests are reported per mode. DPO changes which of its sampled answers the model prefers, which greedy decoding hides; the default is the paper's middle sampling setting (0.7, 0.9). [] = greedy only (half the answers and judge requests).")
     allow_missing: bool = Field(False, description="Write the report even when a model of the previous report is missing now (it names what it left out); off: stop with a message.")
     report_examples: int = Field(8, ge=0, description="Items shown with image and answers in the report.")
 

@@ -58,6 +58,7 @@ def run(cfg: RunConfig, procedures: int = 24, frames_per_procedure: int = 30) ->
     st = Storage(cfg.storage)
     summary["metrics"] = st.read_json(join(cfg.workdir, "eval", "metrics.json"))
     summary["table"] = report.summary_text(summary["metrics"])
+    summary["sampled"] = report.sampled_text(summary["metrics"])
     # ---- what waits for the surgeon in `cmevlm review`: the flagged items and a blinded sheet
     from cmevlm.evaluate import expert
     from cmevlm.review.queues import load_queues

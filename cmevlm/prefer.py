@@ -68,15 +68,35 @@ def read_pool(st: Storage, cfg: RunConfig) -> tuple[dict, dict, list[str]]:
     return sampled, gt, sorted(gt)
 
 
+def integrity(answers: list[str], ground_truth: str, verdict: dict) -> tuple[dict | None, str | None]:
+    """The verdict to write a pair from, or why no pair: a pair needs the judge to prefer
+    strictly, and its chosen and rejected texts to differ. When all five answers are the same
+    text, only the ground truth, if different and preferred, can stand against them."""
+    pick = {**dict(zip(LETTERS, answers)), "ground_truth": ground_truth}
+    if len({a.strip() for a in answers}) == 1:
+        if verdict["accepted"] == "ground_truth" and verdict.get("strict", True) and ground_truth.strip() != answers[0].strip():
+            return verdict, None
+        return None, "all five answers are the same text and the judge does not prefer a different ground truth"
+    if pick[verdict["accepted"]].strip() == pick[verdict["rejected"]].strip():
+        return None, f"tie: accepted {verdict['accepted']} and rejected {verdict['rejected']} are the same text"
+    if not verdict.get("strict", True):
+        return None, f"tie: the judge finds {verdict['accepted']} no better than {verdict['rejected']}"
+    return verdict, None
+
+
 def judged(cfg: RunConfig, ids: list[str], results: list[dict], sampled: dict, gt: dict) -> tuple[list[tuple[str, dict]], list[dict], int]:
-    """(item_id, preference row) per valid verdict, quarantine entries for the rest, and how
-    often the judge accepted the ground truth."""
+    """(item_id, preference row) per verdict that makes a pair, quarantine entries for the rest
+    (failed requests, ties, all-identical answers), and how often the judge accepted the
+    ground truth."""
     rows, quarantine, ground_truth = [], [], 0
     for item_id, r in zip(ids, results):
         if r["error"]:
             quarantine.append({"item_id": item_id, "reason": r["error"], "raw": r["raw"]})
             continue
-        verdict = json.loads(r["value"])
+        verdict, why = integrity(sampled[item_id], answer_text(gt[item_id]["messages"]), json.loads(r["value"]))
+        if why:
+            quarantine.append({"item_id": item_id, "reason": why, "raw": r["value"]})
+            continue
         ground_truth += verdict["accepted"] == "ground_truth"
         flagged = needs_review(item_id, cfg.prefer.review_fraction, cfg.seed + 1)
         rows.append((item_id, preference_row(gt[item_id], sampled[item_id], verdict, flagged)))
@@ -86,6 +106,12 @@ def judged(cfg: RunConfig, ids: list[str], results: list[dict], sampled: dict, g
 def swap(row: dict, rev: dict) -> dict:
     """The expert's swap exchanges chosen and rejected; accept keeps the pair."""
     return {**row, "chosen": row["rejected"], "rejected": row["chosen"]} if rev["decision"] == "swap" else row
+
+
+def estimate(cfg: RunConfig) -> dict:
+    """What judging every sampled item would cost, without sending anything (`cmevlm prefer --estimate`)."""
+    sampled, gt, ids = read_pool(Storage(cfg.storage), cfg)
+    return pool.estimate(cfg, "judge", [judge_request(gt[i], sampled[i], cfg) for i in ids], Verdict)
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
@@ -104,6 +130,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     sampled, gt, ids = read_pool(st, cfg)
     results = pool.ask_all(cfg, "judge", [judge_request(gt[i], sampled[i], cfg) for i in ids], Verdict)
     merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
+    pool.stop_at_budget(cfg, "judge", results)
     pairs, quarantine, ground_truth = judged(cfg, ids, results, sampled, gt)
     queue = [queue_row(row) for _, row in pairs if row["needs_review"]]
     rows, counts = apply_reviews(pairs, read_reviews(st, reviews_uri, FILES["preferences"][1]), swap)
@@ -112,6 +139,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     write_quarantine(st, cfg.workdir, "prefer", quarantine)
     manifest = st.write_manifest(
         out, parts, stage="prefer", backend=cfg.judge.backend, model=cfg.judge.model, pairs=len(rows), quarantined=len(quarantine),
+        ties=sum(q["reason"].startswith(("tie", "all five")) for q in quarantine),
+        blocked=sum(q["reason"].startswith("blocked") for q in quarantine),
         needs_review=sum(r["needs_review"] for r in rows), reviewed=sum(counts.values()), swapped=counts["swap"],
         rejected=counts["reject"], accepted_ground_truth=ground_truth, reviews_sha256=reviews_sha,
         requests_sent=sum(r["requests"] for r in results), cached=sum(r["cached"] for r in results),

@@ -120,6 +120,12 @@ def assemble(st: Storage, frames: str, good: list[tuple[dict, str]], reviews: di
     return {s: [r for r in kept if split[r["item_id"]] == s] for s in ("train", "test")}, queue, counts
 
 
+def estimate(cfg: RunConfig) -> dict:
+    """What teaching every item would cost, without sending anything (`cmevlm teach --estimate`)."""
+    items = read_items(Storage(cfg.storage), join(cfg.workdir, "frames"), cfg)
+    return pool.estimate(cfg, "teacher", [teacher_request(it, cfg) for it in items], TeacherAnswer)
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     st = Storage(cfg.storage)
     frames, out = join(cfg.workdir, "frames"), join(cfg.workdir, "sft")
@@ -136,6 +142,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     items = read_items(st, frames, cfg)
     results = pool.ask_all(cfg, "teacher", [teacher_request(it, cfg) for it in items], TeacherAnswer)
     merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
+    pool.stop_at_budget(cfg, "teacher", results)
     good, quarantine = answered(items, results)
     rows, queue, counts = assemble(st, frames, good, read_reviews(st, reviews_uri))
     for split, rs in rows.items():
@@ -146,6 +153,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     manifest = st.write_manifest(
         out, stage="teach", backend=cfg.teacher.backend, model=cfg.teacher.model,
         train=len(rows["train"]), test=len(rows["test"]), quarantined=len(quarantine),
+        blocked=sum(q["reason"].startswith("blocked") for q in quarantine),
         needs_review=sum(it["needs_review"] for it in items), reviewed=sum(counts.values()),
         edited=counts["edit"], rejected=counts["reject"], reviews_sha256=reviews_sha,
         requests_sent=sent, cached=sum(r["cached"] for r in results),

@@ -73,8 +73,13 @@ def openai_texts(body: dict) -> list[str]:
 
 
 class FakeLLM:
-    def __init__(self, latency: float = 0.0, responder=default_answer):
+    def __init__(self, latency: float = 0.0, responder=default_answer, think: int = 0, block_fraction: float = 0.0):
+        """`think`: thinking tokens a Gemini reply spends unless the request's thinkingBudget is
+        lower (as 2.5 models do by default); thoughts count against maxOutputTokens, and a reply
+        whose thoughts and answer do not fit ends MAX_TOKENS with no text. `block_fraction`: the
+        share of prompts (by hash, so the same prompt always) answered with a SAFETY block."""
         self.latency, self.responder = latency, responder
+        self.think, self.block_fraction = think, block_fraction
         self.requests: list[dict] = []
         self.faults: list[str] = []
         self.batches: dict[str, dict] = {}  # name -> {"responses": [...], "polls": n}
@@ -97,13 +102,34 @@ class FakeLLM:
         with self.lock:
             return [r for r in self.requests if r["status"] == 200]
 
+    def blocked(self, prompt: str) -> bool:
+        import hashlib
+
+        return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big") % 1000 < self.block_fraction * 1000
+
     def _gemini_response(self, body: dict, model: str, fault: str | None) -> dict:
         prompt = "\n".join(gemini_texts(body))
+        gen = body.get("generationConfig") or body.get("generation_config") or {}
+        limit = gen.get("maxOutputTokens") or 8192
+        thinking = gen.get("thinkingConfig") or {}
+        budget = thinking.get("thinkingBudget", thinking.get("thinking_budget"))  # the SDK sends either spelling
+        thoughts = min(self.think, budget) if budget is not None else self.think
+        usage = {"promptTokenCount": len(prompt) // 4, "thoughtsTokenCount": thoughts}
+        if fault == "prompt_block":
+            return {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "usageMetadata": usage, "modelVersion": model}
+        if self.blocked(prompt):
+            return {"candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": [
+                {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}]}],
+                "usageMetadata": {**usage, "thoughtsTokenCount": 0}, "modelVersion": model}
         text = "this is {not json" if fault == "malformed" else json.dumps(self.responder(prompt))
+        if thoughts + len(text) // 4 > limit:  # thinking spent the budget: no text at all
+            return {"candidates": [{"content": {"role": "model", "parts": []}, "finishReason": "MAX_TOKENS", "index": 0}],
+                    "usageMetadata": {**usage, "thoughtsTokenCount": min(thoughts, limit), "candidatesTokenCount": 0},
+                    "modelVersion": model}
         return {
             "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
-            "usageMetadata": {"promptTokenCount": len(prompt) // 4, "candidatesTokenCount": len(text) // 4,
-                              "totalTokenCount": len(prompt) // 4 + len(text) // 4},
+            "usageMetadata": {**usage, "candidatesTokenCount": len(text) // 4,
+                              "totalTokenCount": len(prompt) // 4 + len(text) // 4 + thoughts},
             "modelVersion": model,
         }
 
@@ -143,7 +169,9 @@ class FakeLLM:
                 record["status"] = 200
                 m = GEMINI_PATH.match(self.path.split("?")[0])
                 if m:
-                    return self._send(200, fake._gemini_response(body, m["model"], fault))
+                    resp = fake._gemini_response(body, m["model"], fault)
+                    record["response_usage"] = resp.get("usageMetadata")
+                    return self._send(200, resp)
                 m = BATCH_CREATE.match(self.path.split("?")[0])
                 if m:
                     reqs = body["batch"]["inputConfig"]["requests"]["requests"]

@@ -18,7 +18,7 @@ from fake_llm import FakeLLM, gemini_images
 
 def _cfg(workdir, base, *extra):
     return load_config(overrides=[f"workdir={workdir}", f"model.base={base}", "data.image_size=56", "evaluate.max_new_tokens=12",
-                                  "evaluate.batch_size=8", "evaluate.limit=10", "evaluate.expert_n=6", *extra])
+                                  "evaluate.batch_size=8", "evaluate.limit=10", "evaluate.expert_n=6", "evaluate.sampling=[]", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,34 @@ def test_a_model_of_the_previous_report_missing_now_stops_evaluate(workdir, tiny
     report = (wd / "eval" / "report.md").read_text()
     assert "Left out (missing when this report was written): base" in report and "base vs SFT p = not computed (no base model" in report
     assert "| sft | 4 |" in report
+
+
+def test_each_sampling_mode_gets_its_own_table_and_tests(workdir, tiny_model_dir):
+    """evaluate.sampling: every model also answers under (temperature, top_p, seed); the sampled
+    answers live apart from the greedy ones and get their own Table 1 and Wilcoxon line."""
+    from cmevlm.evaluate import report
+
+    cfg = _cfg(workdir, tiny_model_dir, "evaluate.limit=4", "evaluate.sampling=[{temperature: 0.7, top_p: 0.9, seed: 5}]")
+    m = evaluation.run(cfg, force=True)
+    mode = "t0.7_p0.9_s5"
+    assert list(m["sampled"]) == [mode] and set(m["sampled"][mode]["models"]) == set(m["models"]) == {"base", "sft"}
+    assert all(s["n"] == 4 for s in m["sampled"][mode]["models"].values())
+    assert set(m["sampled"][mode]["tests"]) == {"sft_vs_dpo_judge_p", "base_vs_sft_judge_p"}
+    rows = Storage().read_parquet(str(workdir / "eval/answers.parquet")).to_pylist()
+    assert sorted({(r["model"], r["mode"]) for r in rows}) == [("base", "greedy"), ("base", mode), ("sft", "greedy"), ("sft", mode)]
+    assert (workdir / "eval/answers" / f"sft@{mode}").is_dir()
+    assert f"## Under sampling ({mode})" in (workdir / "eval/report.md").read_text()
+    assert f"Table 1 under sampling ({mode})" in (workdir / "eval/report.html").read_text()
+    assert mode in report.sampled_text(m) and report.sampled_text({**m, "sampled": {}}) == ""
+    assert evaluation.run(cfg)["skipped"] and not evaluation.run(_cfg(workdir, tiny_model_dir, "evaluate.limit=4")).get("skipped")
+
+
+def test_answers_the_judge_left_unscored_are_counted_in_the_report():
+    from cmevlm.evaluate import report
+
+    rows = [{"judge": 4.0, "judge_reason": "fine"}, {"judge": None, "judge_reason": "judge failed: blocked by the model (SAFETY): not retried"},
+            {"judge": None, "judge_reason": "judge failed: invalid JSON after 3 attempts"}]
+    counts = evaluation.judge_failures(rows)
+    assert counts == {"blocked": 1, "failed": 1}
+    assert "1 blocked by the model (not retried), 1 failed" in report.left_out_text({"judge_failed": counts})
+    assert report.left_out_text({"judge_failed": {"blocked": 0, "failed": 0}}) is None

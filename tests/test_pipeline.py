@@ -42,7 +42,8 @@ def test_reduced_pipeline_end_to_end(ray_local, tmp_path, synth_dir, tiny_model_
     metrics = json.loads((wd / "eval/metrics.json").read_text())
     assert set(metrics["models"]) == {"base", "sft", "dpo"} and metrics["n_test"] == 6
     answers = st.read_parquet(str(wd / "eval/answers.parquet")).to_pylist()
-    assert {a["item_id"] for a in answers} <= test_ids and len(answers) == 18
+    assert {a["item_id"] for a in answers} <= test_ids and len(answers) == 6 * 3 * 2  # greedy and the default sampled mode
+    assert set(metrics["sampled"]["t0.7_p0.9_s2024"]["models"]) == {"base", "sft", "dpo"}
 
     again = pipeline.run(cfg, echo=lines.append)  # everything complete: all skipped
     assert all(r.skipped for r in again)

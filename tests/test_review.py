@@ -34,7 +34,7 @@ def _cfg(workdir, base, *extra):
         f"workdir={workdir}", f"model.base={base}", "data.image_size=56", "sample.batch_size=4", "sample.max_new_tokens=12",
         "sample.limit=8", "judge.batch_size=4", "teacher.review_fraction=0.5", "prefer.review_fraction=1.0",
         "evaluate.max_new_tokens=12", "evaluate.batch_size=8",
-        "evaluate.limit=6", "evaluate.expert_n=4", f"evaluate.models={{{MODELS[0]}: {base}, {MODELS[1]}: models/sft}}", *extra])
+        "evaluate.limit=6", "evaluate.expert_n=4", "evaluate.sampling=[]", f"evaluate.models={{{MODELS[0]}: {base}, {MODELS[1]}: models/sft}}", *extra])
 
 
 @pytest.fixture(scope="module")

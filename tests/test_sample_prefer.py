@@ -84,8 +84,9 @@ def test_offline_judge_writes_valid_preference_rows(sampled, tmp_path):
     workdir = _copy(sampled, tmp_path / "run", ("frames", "sft", "models", "samples"))
     cfg = _cfg(workdir, workdir / "models/sft", "sample.limit=12", "prefer.review_fraction=0.5")
     m = prefer.run(cfg)
-    assert m["pairs"] == 12 and m["quarantined"] == 0
+    assert m["pairs"] + m["ties"] == 12 and m["quarantined"] == m["ties"] and m["pairs"] >= 2
     rows = Storage().read_parquet(str(workdir / "preferences")).to_pylist()
+    assert all(r["chosen"][0]["content"][0]["text"] != r["rejected"][0]["content"][0]["text"] for r in rows)  # a pair teaches something
     samples = _samples(workdir)
     truth = {x["item_id"]: x["messages"][1]["content"][0]["text"] for x in Storage().read_parquet(str(workdir / "sft/train")).to_pylist()}
     for r in rows:
@@ -108,7 +109,7 @@ def test_offline_judge_writes_valid_preference_rows(sampled, tmp_path):
         json.dumps({"item_id": ids[0], "reviewer": "dr", "decision": "swap"}) + "\n"
         + json.dumps({"item_id": ids[1], "reviewer": "dr", "decision": "reject"}) + "\n")
     m = prefer.run(cfg)
-    assert (m["pairs"], m["swapped"], m["rejected"], m["requests_sent"]) == (11, 1, 1, 0)
+    assert (m["pairs"], m["swapped"], m["rejected"], m["requests_sent"]) == (len(rows) - 1, 1, 1, 0)
     after = {r["item_id"]: r for r in Storage().read_parquet(str(workdir / "preferences")).to_pylist()}
     assert after[ids[0]]["chosen"] == rows[0]["rejected"] and ids[1] not in after
 
@@ -127,13 +128,13 @@ def test_gemini_judge_retries_invalid_verdicts_then_quarantines(sampled, tmp_pat
         cfg = _cfg(workdir, workdir / "models/sft", "sample.limit=12", "judge.backend=gemini", f"judge.base_url={srv.url}",
                    "judge.max_attempts=2", "judge.concurrency=1", "judge.batch_size=1")
         m = prefer.run(cfg)
-        assert m["pairs"] == 11 and m["quarantined"] == 1
+        assert m["pairs"] + m["ties"] == 11 and m["quarantined"] == 1 + m["ties"]  # B and D may be the same text: a tie
         assert len(srv.requests) == 12 + 2
         for req in srv.requests:
             assert gemini_images(req["body"]) == []  # the judge never gets an image
             assert "responseSchema" in req["body"]["generationConfig"]
-    (q,) = [json.loads(x) for x in (workdir / "quarantine/prefer.jsonl").read_text().splitlines()]
-    assert "malformed" in q["reason"] and json.loads(q["raw"])["accepted"] == "A"
+    (q,) = [x for x in map(json.loads, (workdir / "quarantine/prefer.jsonl").read_text().splitlines()) if "malformed" in x["reason"]]
+    assert json.loads(q["raw"])["accepted"] == "A"
     rows = Storage().read_parquet(str(workdir / "preferences")).to_pylist()
     assert all(r["judge_reason"].startswith("accepted B, rejected D") for r in rows)
 

@@ -25,7 +25,7 @@ from cmevlm.config import RunConfig
 from cmevlm.data.formats import answer_text, prompt_text
 from cmevlm.errors import MissingInput
 from cmevlm.evaluate import metrics as M
-from cmevlm.model.generate import decode_image, generate
+from cmevlm.model.generate import Setting, decode_image, generate
 from cmevlm.model.replicas import part_uri, read_parts, run_pool
 from cmevlm.rubric import identifies, laterality_error, repetition_rate
 from cmevlm.storage import Storage, join, stage_uri
@@ -52,39 +52,48 @@ def models_to_evaluate(cfg: RunConfig, st: Storage) -> dict[str, str]:
     return out
 
 
-class AnswerWorker:
-    """Callable class for `map_batches`: one model replica answers a batch greedily and writes
-    the batch's answers as one Parquet part."""
+GREEDY = "greedy"
 
-    def __init__(self, cfg_json: str, name: str, model_uri: str, parts_uri: str):
+
+def modes(cfg: RunConfig) -> dict[str, Setting | None]:
+    """The decoding modes every model is evaluated in: greedy, then each evaluate.sampling."""
+    return {GREEDY: None, **{(s := Setting(x.temperature, x.top_p, x.seed)).name: s for x in cfg.evaluate.sampling}}
+
+
+class AnswerWorker:
+    """Callable class for `map_batches`: one model replica answers a batch in one decoding mode
+    and writes the batch's answers as one Parquet part."""
+
+    def __init__(self, cfg_json: str, name: str, model_uri: str, parts_uri: str, mode: str = GREEDY):
         from cmevlm.model.loading import load
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         e = self.cfg.evaluate
         self.model, self.processor = load(self.cfg, model_uri, dtype=e.dtype, num_gpus=e.num_gpus_per_actor)
-        self.name, self.storage, self.parts = name, Storage(self.cfg.storage), parts_uri
+        self.name, self.storage, self.parts, self.setting = name, Storage(self.cfg.storage), parts_uri, modes(self.cfg)[mode]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
         outs = generate(self.model, self.processor, [decode_image(it["image"]) for it in items], [it["prompt"] for it in items],
-                        self.cfg.evaluate.max_new_tokens)
+                        self.cfg.evaluate.max_new_tokens, self.setting)
         rows = [{"model": self.name, "item_id": it["item_id"], "answer": text, "n_tokens": n} for it, (text, n) in zip(items, outs)]
         self.storage.write_parquet(part_uri(self.parts, [it["item_id"] for it in items]), pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA))
         return pa.table({"item_id": [it["item_id"] for it in items]})
 
 
-def answer_all(cfg: RunConfig, st: Storage, name: str, uri: str, items: list[dict]) -> dict[str, dict]:
-    """{item_id: answer row} of one model; generates only what earlier runs did not."""
+def answer_all(cfg: RunConfig, st: Storage, name: str, uri: str, items: list[dict], mode: str = GREEDY) -> dict[str, dict]:
+    """{item_id: answer row} of one model in one decoding mode; generates only what earlier
+    runs did not (greedy parts in eval/answers/<model>, sampled ones in <model>@<mode>)."""
     e = cfg.evaluate
-    parts = join(cfg.workdir, "eval", "answers", name)
+    parts = join(cfg.workdir, "eval", "answers", name if mode == GREEDY else f"{name}@{mode}")
     done = {r["item_id"]: r for r in read_parts(st, parts)}
     todo = [{"item_id": it["item_id"], "image": it["images"][0]["bytes"], "prompt": prompt_text(it["messages"])}
             for it in items if it["item_id"] not in done]
     if todo:
-        run_pool(cfg, todo, AnswerWorker, {"cfg_json": cfg.model_dump_json(), "name": name, "model_uri": uri, "parts_uri": parts},
+        run_pool(cfg, todo, AnswerWorker, {"cfg_json": cfg.model_dump_json(), "name": name, "model_uri": uri, "parts_uri": parts, "mode": mode},
                  e.batch_size, e.concurrency, e.num_cpus_per_actor, e.num_gpus_per_actor)
         done = {r["item_id"]: r for r in read_parts(st, parts)}
-    log.info("evaluate: %s answered %d items (%d generated now)", name, len(items), len(todo))
+    log.info("evaluate: %s (%s) answered %d items (%d generated now)", name, mode, len(items), len(todo))
     return done
 
 
@@ -119,11 +128,11 @@ def check_missing(cfg: RunConfig, st: Storage, out: str, models: dict[str, str])
 def answer(cfg: RunConfig, st: Storage, models: dict[str, str], items: list[dict]) -> list[dict]:
     """Every model's answer to every item (Ray), with the per-answer measures that need no model."""
     rows = []
-    for name, uri in models.items():
-        answers = answer_all(cfg, st, name, uri, items)
+    for (name, uri), mode in ((m, d) for m in models.items() for d in modes(cfg)):
+        answers = answer_all(cfg, st, name, uri, items, mode)
         for it in items:
             a, gt = answers[it["item_id"]]["answer"], answer_text(it["messages"])
-            rows.append({"model": name, "item_id": it["item_id"], "structure": it["structure"], "site": it["site"],
+            rows.append({"model": name, "mode": mode, "item_id": it["item_id"], "structure": it["structure"], "site": it["site"],
                          "laterality": it["laterality"], "prompt": prompt_text(it["messages"]), "answer": a,
                          "ground_truth": gt, "bleu4": M.bleu4(a, gt), "structure_ok": identifies(a, it["structure"]),
                          "laterality_error": laterality_error(a, it["laterality"]), "length": len(a.split()), "repetition": repetition_rate(a)})
@@ -138,23 +147,30 @@ def score(cfg: RunConfig, rows: list[dict]) -> None:
         r["bertscore_f1"] = f
 
 
+def score_request(cfg: RunConfig, r: dict) -> dict:
+    """The judge's scoring request for one answer row (text only)."""
+    return pool.request(f"{r['model']}:{r.get('mode', GREEDY)}:{r['item_id']}", SCORE_SYSTEM_PROMPT,
+                        score_prompt(r["structure"], r["laterality"], r["prompt"], r["ground_truth"], r["answer"]), None,
+                        {"structure": r["structure"], "side": r["laterality"], "answer": r["answer"]},
+                        temperature=cfg.judge.score_temperature, max_output_tokens=cfg.judge.max_output_tokens)
+
+
 def judge(cfg: RunConfig, st: Storage, rows: list[dict]) -> None:
     """The LLM judge's accuracy, conciseness and weighted composite of every answer, in place
     (text only, through the shared guarded client)."""
     e = cfg.evaluate
-    reqs = [pool.request(f"{r['model']}:{r['item_id']}", SCORE_SYSTEM_PROMPT,
-                         score_prompt(r["structure"], r["laterality"], r["prompt"], r["ground_truth"], r["answer"]), None,
-                         {"structure": r["structure"], "side": r["laterality"], "answer": r["answer"]},
-                         temperature=cfg.judge.score_temperature, max_output_tokens=cfg.judge.max_output_tokens) for r in rows]
+    reqs = [score_request(cfg, r) for r in rows]
     wsum = e.judge_accuracy_weight + e.judge_conciseness_weight
-    for r, res in zip(rows, pool.ask_all(cfg, "judge", reqs, JudgeScore)):
+    results = pool.ask_all(cfg, "judge", reqs, JudgeScore)
+    merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
+    pool.stop_at_budget(cfg, "judge", results)
+    for r, res in zip(rows, results):
         if res["value"]:
             s = json.loads(res["value"])
             r.update(judge_accuracy=s["accuracy"], judge_conciseness=s["conciseness"], judge_reason=s["reason"],
                      judge=(e.judge_accuracy_weight * s["accuracy"] + e.judge_conciseness_weight * s["conciseness"]) / wsum)
         else:
             r.update(judge_accuracy=None, judge_conciseness=None, judge_reason=f"judge failed: {res['error']}", judge=None)
-    merge_audit(st, join(cfg.workdir, "teacher", "audit.jsonl"))
 
 
 def paired_p(grouped: dict, a: str, b: str) -> tuple[float | None, str | None]:
@@ -168,8 +184,25 @@ def paired_p(grouped: dict, a: str, b: str) -> tuple[float | None, str | None]:
     return M.wilcoxon_test([ja[i] for i in common], [jb[i] for i in common])
 
 
-def tabulate(cfg: RunConfig, models: dict[str, str], rows: list[dict], n_items: int) -> dict:
-    """Table 1, the breakdowns per structure and site, and the tests: metrics.json."""
+def tabulate(cfg: RunConfig, models: dict[str, str], all_rows: list[dict], n_items: int) -> dict:
+    """Table 1, the breakdowns per structure and site, and the tests (greedy), then Table 1 and
+    the tests per sampling mode: metrics.json."""
+    result = _tabulate_mode(cfg, models, [r for r in all_rows if r["mode"] == GREEDY], n_items)
+    result["judge_failed"] = judge_failures(all_rows)
+    result["sampled"] = {}
+    for mode in list(modes(cfg))[1:]:
+        part = _tabulate_mode(cfg, models, [r for r in all_rows if r["mode"] == mode], n_items)
+        result["sampled"][mode] = {k: part[k] for k in ("models", "tests", "tests_not_computed")}
+    return result
+
+
+def judge_failures(rows: list[dict]) -> dict[str, int]:
+    """How many answers the judge left unscored: blocked by the model (never retried) or failed."""
+    failed = [r["judge_reason"] for r in rows if r.get("judge") is None]
+    return {"blocked": sum("blocked by the model" in w for w in failed), "failed": sum("blocked by the model" not in w for w in failed)}
+
+
+def _tabulate_mode(cfg: RunConfig, models: dict[str, str], rows: list[dict], n_items: int) -> dict:
     grouped = defaultdict(list)
     for r in rows:
         grouped[r["model"]].append(r)
@@ -192,6 +225,17 @@ def tabulate(cfg: RunConfig, models: dict[str, str], rows: list[dict], n_items: 
     }
 
 
+def estimate(cfg: RunConfig) -> dict:
+    """What judging every model's answers would cost, without generating or sending anything
+    (`cmevlm evaluate --estimate`): each answer is taken to be as long as the ground truth."""
+    st = Storage(cfg.storage)
+    items = st.read_parquet(stage_uri(cfg, cfg.evaluate.data)).to_pylist()[: cfg.evaluate.limit or None]
+    rows = [{"model": m, "item_id": it["item_id"], "structure": it["structure"], "laterality": it["laterality"],
+             "prompt": prompt_text(it["messages"]), "ground_truth": answer_text(it["messages"]), "answer": answer_text(it["messages"])}
+            for m in models_to_evaluate(cfg, st) for it in items]
+    return pool.estimate(cfg, "judge", [score_request(cfg, r) for r in rows], JudgeScore)
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     """answer -> score -> judge -> tabulate -> report; skipped when eval/ is complete for the same models."""
     from cmevlm.evaluate import report
@@ -200,7 +244,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     out = join(cfg.workdir, "eval")
     models = models_to_evaluate(cfg, st)
     left_out = check_missing(cfg, st, out, models)
-    signature = hashlib.sha256(json.dumps(sorted(models.items())).encode()).hexdigest()
+    signature = hashlib.sha256(json.dumps([sorted(models.items()), sorted(modes(cfg))]).encode()).hexdigest()
     if st.is_complete(out) and not force and st.read_manifest(out).get("models_sha256") == signature:
         log.info("evaluate: %s is complete, skipped", out)
         return {**st.read_json(join(out, "metrics.json")), "skipped": True}

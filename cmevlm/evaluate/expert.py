@@ -29,7 +29,7 @@ def read_sheet(st: Storage, uri: str) -> list[dict]:
 def export_sheet(cfg: RunConfig) -> dict:
     st = Storage(cfg.storage)
     out = join(cfg.workdir, "eval")
-    rows = st.read_parquet(join(out, "answers.parquet")).to_pylist()
+    rows = [r for r in st.read_parquet(join(out, "answers.parquet")).to_pylist() if r.get("mode", "greedy") == "greedy"]
     models = sorted({r["model"] for r in rows})
     answers = {(r["model"], r["item_id"]): r for r in rows}
     item_ids = sorted({r["item_id"] for r in rows})
@@ -112,7 +112,7 @@ def import_sheet(cfg: RunConfig, path: str) -> dict:
     st.write_json(join(out, "metrics.json"), metrics)
     st.write_text(join(out, "report.md"), report.markdown(metrics))
     # the HTML report needs the answers again
-    rows = st.read_parquet(join(out, "answers.parquet")).to_pylist()
+    rows = [r for r in st.read_parquet(join(out, "answers.parquet")).to_pylist() if r.get("mode", "greedy") == "greedy"]
     items = {r["item_id"]: r for r in st.read_parquet(stage_uri(cfg, cfg.evaluate.data)).to_pylist() if r["item_id"] in {x["item_id"] for x in rows}}
     st.write_text(join(out, "report.html"), report.render_html(cfg, metrics, rows, items))
     return expert

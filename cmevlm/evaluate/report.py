@@ -53,15 +53,35 @@ def tests_text(metrics: dict) -> str:
 
 
 def left_out_text(metrics: dict) -> str | None:
-    gone = metrics.get("left_out") or {}
-    return ("Left out (missing when this report was written): " + ", ".join(f"{n} ({u})" for n, u in gone.items())) if gone else None
+    """Models missing from this report, and answers the judge left unscored (blocked or failed)."""
+    gone, unscored = metrics.get("left_out") or {}, metrics.get("judge_failed") or {}
+    lines = ["Left out (missing when this report was written): " + ", ".join(f"{n} ({u})" for n, u in gone.items())] if gone else []
+    if any(unscored.values()):
+        lines.append(f"Unscored by the judge: {unscored.get('blocked', 0)} blocked by the model (not retried), "
+                     f"{unscored.get('failed', 0)} failed; they are left out of the judge columns.")
+    return " ".join(lines) or None
+
+
+def _plain(table: list[list[str]]) -> str:
+    rows = [HEADER, *table]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
 def summary_text(metrics: dict) -> str:
-    """Plain-text Table 1 for terminals."""
-    rows = [HEADER, *table_rows(metrics)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    """Plain-text Table 1 (greedy decoding) for terminals."""
+    return _plain(table_rows(metrics))
+
+
+def sampled(metrics: dict) -> list[dict]:
+    """Table 1 and the tests once per sampling mode (`evaluate.sampling`): [{mode, table, tests}]."""
+    return [{"mode": mode, "table": table_rows(part), "tests": tests_text(part)}
+            for mode, part in (metrics.get("sampled") or {}).items()]
+
+
+def sampled_text(metrics: dict) -> str:
+    """The sampled-mode tables for terminals ("" when only greedy decoding was evaluated)."""
+    return "\n\n".join(f"under sampling ({s['mode']}):\n{_plain(s['table'])}\n{s['tests']}" for s in sampled(metrics))
 
 
 def _png(fig) -> str:
@@ -107,13 +127,16 @@ def plots(metrics: dict, rows: list[dict]) -> dict[str, str]:
 
 
 def write(cfg: RunConfig, st: Storage, metrics: dict, rows: list[dict], items: dict[str, dict]) -> None:
+    """report.md and report.html; plots and examples show the greedy answers, the sampled
+    modes get their own Table 1 and tests."""
     out = join(cfg.workdir, "eval")
+    rows = [r for r in rows if r.get("mode", "greedy") == "greedy"]
     st.write_text(join(out, "report.md"), markdown(metrics))
     st.write_text(join(out, "report.html"), render_html(cfg, metrics, rows, items))
 
 
 def markdown(metrics: dict) -> str:
-    lines = [f"# cmevlm evaluation ({metrics['n_test']} test items)", "", "| " + " | ".join(HEADER) + " |",
+    lines = [f"# cmevlm evaluation ({metrics['n_test']} test items)", "", "Greedy decoding:", "", "| " + " | ".join(HEADER) + " |",
              "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(metrics)]
     models = model_order(metrics["models"])
@@ -122,6 +145,9 @@ def markdown(metrics: dict) -> str:
     for s, per in metrics["per_structure"].items():
         lines.append(f"| {s} | " + " | ".join(_fmt(per[m]["judge"], 2) for m in models) + " |")
     lines += ["", tests_text(metrics)]
+    for s in sampled(metrics):
+        lines += ["", f"## Under sampling ({s['mode']})", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in s["table"]] + ["", s["tests"]]
     if left_out_text(metrics):
         lines += ["", left_out_text(metrics)]
     if metrics.get("expert"):
@@ -142,4 +168,5 @@ def render_html(cfg: RunConfig, metrics: dict, rows: list[dict], items: dict[str
             "answers": [{"model": r["model"], "judge": r["judge"] if r["judge"] is not None else "-", "answer": r["answer"]} for r in mine]})
     expert = [{"model": m, "score": _fmt(v["score"], 2), "preferred": v["preferred"]} for m, v in (metrics.get("expert") or {}).items()]
     return render("report.html", m=metrics, header=HEADER, table=table_rows(metrics), pics=plots(metrics, rows),
-                  expert=expert, examples=examples, config=dump_config(cfg), tests=tests_text(metrics), left_out=left_out_text(metrics))
+                  expert=expert, examples=examples, config=dump_config(cfg), tests=tests_text(metrics), left_out=left_out_text(metrics),
+                  sampled=sampled(metrics))

@@ -21,11 +21,26 @@ from cmevlm.teacher.payload import Payload
 RETRY_CODES = [408, 429, 500, 502, 503, 504]
 
 
+# A reply's end, as every backend reports it: "stop" (done), "length" (the token limit was hit;
+# thinking may have spent it), or "blocked:<REASON>" (a safety, recitation or prompt block:
+# the same prompt would be blocked again, so it is never retried).
+BLOCKS = {"SAFETY", "RECITATION", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY", "LANGUAGE"}
+
+
 @dataclass(frozen=True)
 class Reply:
     text: str
     input_tokens: int
     output_tokens: int
+    thoughts_tokens: int = 0  # billed as output
+    finish: str = "stop"
+
+
+def request_limit(cfg: LLMConfig, answer_tokens: int) -> int:
+    """The request's max_output_tokens: the answer's own limit plus what thinking may use."""
+    from cmevlm.config import DEFAULT_THINKING_ALLOWANCE
+
+    return answer_tokens + (cfg.thinking_budget if cfg.thinking_budget is not None else DEFAULT_THINKING_ALLOWANCE)
 
 
 class TeacherAnswer(BaseModel):
@@ -40,6 +55,7 @@ class Verdict(BaseModel):
 
     accepted: Literal["A", "B", "C", "D", "E", "ground_truth"]
     rejected: Literal["A", "B", "C", "D", "E"]
+    strict: bool = Field(True, description="False when the accepted answer is no better than the rejected one (a tie).")
     reason: str
 
     @model_validator(mode="after")
@@ -90,10 +106,14 @@ class GeminiBackend:
         return [t.Content(role="user", parts=parts)]
 
     def _config(self, payload: Payload, schema: type[BaseModel]):
-        return self.types.GenerateContentConfig(
+        t = self.types
+        thinking = t.ThinkingConfig(thinking_budget=self.cfg.thinking_budget) if self.cfg.thinking_budget is not None else None
+        return t.GenerateContentConfig(
             system_instruction=payload.system,
             temperature=payload.params.get("temperature", self.cfg.temperature),
-            max_output_tokens=payload.params.get("max_output_tokens", self.cfg.max_output_tokens),
+            max_output_tokens=request_limit(self.cfg, payload.params.get("max_output_tokens", self.cfg.max_output_tokens)),
+            thinking_config=thinking,
+            safety_settings=[t.SafetySetting(category=c, threshold=v) for c, v in self.cfg.safety_settings.items()],
             response_mime_type="application/json",
             response_schema=schema,
         )
@@ -101,7 +121,16 @@ class GeminiBackend:
     @staticmethod
     def _reply(resp) -> Reply:
         u = resp.usage_metadata
-        return Reply(resp.text or "", (u.prompt_token_count or 0) if u else 0, (u.candidates_token_count or 0) if u else 0)
+        block = getattr(getattr(resp, "prompt_feedback", None), "block_reason", None)
+        cand = resp.candidates[0] if resp.candidates else None
+        reason = getattr(getattr(cand, "finish_reason", None), "name", None) or "STOP"
+        finish = f"blocked:{block.name}" if block else f"blocked:{reason}" if reason in BLOCKS else "length" if reason == "MAX_TOKENS" else "stop"
+        try:
+            text = resp.text or ""
+        except ValueError:  # no text part (a block)
+            text = ""
+        return Reply(text, (u.prompt_token_count or 0) if u else 0, (u.candidates_token_count or 0) if u else 0,
+                     (u.thoughts_token_count or 0) if u else 0, finish)
 
     def send(self, payload: Payload, schema: type[BaseModel]) -> Reply:
         resp = self.client.models.generate_content(
@@ -161,13 +190,14 @@ class OpenAIBackend:
             max_tokens=payload.params.get("max_output_tokens", self.cfg.max_output_tokens),
             response_format={"type": "json_object"},
         )
-        u = resp.usage
-        return Reply(resp.choices[0].message.content or "", u.prompt_tokens if u else 0, u.completion_tokens if u else 0)
+        u, choice = resp.usage, resp.choices[0]
+        finish = {"length": "length", "content_filter": "blocked:CONTENT_FILTER"}.get(choice.finish_reason or "stop", "stop")
+        return Reply(choice.message.content or "", u.prompt_tokens if u else 0, u.completion_tokens if u else 0, 0, finish)
 
 
 class OfflineBackend:
-    """The deterministic knowledge-base teacher and rubric judge: no network. It reads the
-    same payload text a cloud LLM would and answers from `cmevlm/anatomy.py`."""
+    """The deterministic knowledge-base teacher and rubric judge: no network. It answers from
+    the payload's facts (cmevlm/teacher/offline.py) and `cmevlm/anatomy.yaml`."""
 
     name = "offline"
 

@@ -16,13 +16,13 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ValidationError
 
 from cmevlm.config import LLMConfig, StorageConfig
 from cmevlm.storage import Storage, is_s3, join
-from cmevlm.teacher.backends import make_backend
+from cmevlm.teacher.backends import make_backend, request_limit
 from cmevlm.teacher.payload import Payload, PrivacyViolation, guard
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,11 @@ class TeacherFailed(RuntimeError):
     def __init__(self, reason: str, raw: str = ""):
         super().__init__(reason)
         self.reason, self.raw = reason, raw
+
+
+class BudgetReached(RuntimeError):
+    """The request was not sent: it could have passed `max_cost_usd`. Not a quarantine: a rerun
+    with a higher cap sends it."""
 
 
 @dataclass(frozen=True)
@@ -95,19 +100,26 @@ def merge_audit(storage: Storage, uri: str) -> int:
 
 class TeacherClient:
     def __init__(self, cfg: LLMConfig, workdir: str, storage: StorageConfig | None = None, wait=None, backend=None,
-                 cache_dir: str = "teacher/cache", audit_file: str = "teacher/audit.jsonl"):
-        self.cfg = cfg
+                 cache_dir: str = "teacher/cache", audit_file: str = "teacher/audit.jsonl", role: str = "teacher", budget=None):
+        self.cfg, self.role = cfg, role
         self.storage = Storage(storage)
         self.backend = backend or make_backend(cfg)
         self.cache_uri = join(workdir, cache_dir)
         self.audit = AuditLog(self.storage, join(workdir, audit_file))
         self.wait = wait or (lambda tokens: None)
+        self.budget = budget  # a limiter.Budget (or its Ray proxy); None = no cap
 
-    def _cost(self, tin: int, tout: int, batch: bool = False) -> float:
+    def _cost(self, tin: int, tout: int, batch: bool = False, thoughts: int = 0) -> float:
+        """USD of one reply: thinking tokens are billed at the output price."""
         if self.backend.name == "offline":
             return 0.0
         discount = 0.5 if batch else 1.0  # the Batch API's price
-        return discount * (tin * self.cfg.price_input_per_m + tout * self.cfg.price_output_per_m) / 1e6
+        return discount * (tin * self.cfg.price_input_per_m + (tout + thoughts) * self.cfg.price_output_per_m) / 1e6
+
+    def most_cost(self, payload: Payload, batch: bool = False) -> float:
+        """The largest a request can cost: its input and every token its limit allows."""
+        tin = len(payload.system + payload.text) // 4 + 258 * (payload.mask is not None)
+        return self._cost(tin, request_limit(self.cfg, payload.params.get("max_output_tokens", self.cfg.max_output_tokens)), batch)
 
     def cached(self, key: str) -> dict | None:
         uri = join(self.cache_uri, key[:2], key + ".json")
@@ -120,15 +132,20 @@ class TeacherClient:
         return Answer(schema.model_validate_json(hit["text"]), hit["text"], hit["input_tokens"], hit["output_tokens"], hit["cost_usd"], True, 0)
 
     def _record(self, payload: Payload, attempt: int, **extra) -> dict:
-        return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "item_id": payload.item_id,
+        return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "item_id": payload.item_id, "role": self.role,
                 "backend": self.backend.name, "model": self.cfg.model, "attempt": attempt,
                 "parts": [p.describe() for p in payload.parts], **extra}
 
     def _accept(self, payload: Payload, schema: type[BaseModel], key: str, reply, record: dict, requests: int, rid: str) -> Answer | str:
         """Audit one reply; cache and return its Answer, or return why it is malformed."""
-        cost = self._cost(reply.input_tokens, reply.output_tokens, batch="batch_job" in record)
+        cost = self._cost(reply.input_tokens, reply.output_tokens, batch="batch_job" in record, thoughts=reply.thoughts_tokens)
         self.audit.outcome(rid, {**record, "response_sha256": hashlib.sha256(reply.text.encode()).hexdigest(),
-                                 "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens, "cost_usd": round(cost, 8)})
+                                 "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
+                                 "thoughts_tokens": reply.thoughts_tokens, "finish": reply.finish, "cost_usd": round(cost, 8)})
+        if reply.finish.startswith("blocked:"):
+            return reply.finish
+        if reply.finish == "length" and not reply.text.strip():
+            return "length"
         try:
             value = schema.model_validate_json(_strip_fences(reply.text))
         except ValidationError as e:
@@ -136,34 +153,53 @@ class TeacherClient:
         entry = {"key": key, "item_id": payload.item_id, "text": value.model_dump_json(), "input_tokens": reply.input_tokens,
                  "output_tokens": reply.output_tokens, "cost_usd": cost, "time": record["time"]}
         self.storage.write_json(join(self.cache_uri, key[:2], key + ".json"), entry)
-        return Answer(value, entry["text"], reply.input_tokens, reply.output_tokens, cost, False, requests)
+        return Answer(value, entry["text"], reply.input_tokens, reply.output_tokens + reply.thoughts_tokens, cost, False, requests)
 
-    def ask(self, payload: Payload, schema: type[BaseModel]) -> Answer:
-        key = cache_key(self.backend.name, self.cfg.model, payload, schema)
+    def ask(self, payload: Payload, schema: type[BaseModel], key: str | None = None, lengthened: bool = False) -> Answer:
+        """One guarded, audited, cached answer. `key`/`lengthened`: a batch reply asked again
+        keeps its original cache key and its one doubled-limit retry."""
+        key = key or cache_key(self.backend.name, self.cfg.model, payload, schema)
         hit = self._from_cache(key, schema)
         if hit is not None:
             return hit
         payload = guard(payload, self.cfg.mask_size)  # what may leave, re-encoded; PrivacyViolation: nothing is sent
-        est_tokens = len(payload.text) // 4 + 258 * (payload.mask is not None) + self.cfg.max_output_tokens
         raw, last_error = "", ""
         for attempt in range(1, self.cfg.max_attempts + 1):
-            self.wait(est_tokens)
-            t0 = time.time()
-            record = self._record(payload, attempt)
-            rid = self.audit.sent(record)  # on disk before a byte leaves
-            try:
-                reply = self.backend.send(payload, schema)
-            except Exception as e:  # transport failures the SDK's own retries did not cure
-                last_error = f"{type(e).__name__}: {e}"[:500]
-                self.audit.outcome(rid, {**record, "error": last_error, "seconds": round(time.time() - t0, 3)})
-                self._backoff(attempt)
-                continue
-            raw = reply.text
-            got = self._accept(payload, schema, key, reply, {**record, "seconds": round(time.time() - t0, 3)}, attempt, rid)
+            reserved = 0.0  # a single request goes while the bill so far is under the cap
+            if self.budget is not None and not self.budget.reserve(reserved):
+                raise BudgetReached(f"{self.role}.max_cost_usd would be passed by this request")
+            self.wait(len(payload.text) // 4 + 258 * (payload.mask is not None) + self.cfg.max_output_tokens)
+            got, raw, billed = self._attempt(payload, schema, key, attempt)
+            if self.budget is not None:
+                self.budget.settle(reserved, billed)
             if isinstance(got, Answer):
                 return got
             last_error = got
+            if got.startswith("blocked:"):  # the same prompt would be blocked again: quarantined at once
+                raise TeacherFailed(f"blocked by the model ({got[8:]}): not retried", raw)
+            if got == "length" and lengthened:  # twice the room was not enough either: the same would happen again
+                raise TeacherFailed("ran out of output tokens with twice the limit: not retried", raw)
+            if got == "length":  # thinking or the answer ran out of tokens: once, with twice the room
+                lengthened = True
+                limit = payload.params.get("max_output_tokens", self.cfg.max_output_tokens)
+                payload = replace(payload, params={**payload.params, "max_output_tokens": 2 * limit})
+                continue
+            self._backoff(attempt)
         raise TeacherFailed(f"teacher failed after {self.cfg.max_attempts} attempts: {last_error}", raw)
+
+    def _attempt(self, payload: Payload, schema: type[BaseModel], key: str, attempt: int) -> tuple[Answer | str, str, float]:
+        """One request, audited ahead: (the Answer or why not, the raw text, the USD billed)."""
+        t0 = time.time()
+        record = self._record(payload, attempt)
+        rid = self.audit.sent(record)  # on disk before a byte leaves
+        try:
+            reply = self.backend.send(payload, schema)
+        except Exception as e:  # transport failures the SDK's own retries did not cure
+            error = f"{type(e).__name__}: {e}"[:500]
+            self.audit.outcome(rid, {**record, "error": error, "seconds": round(time.time() - t0, 3)})
+            return error, "", 0.0
+        got = self._accept(payload, schema, key, reply, {**record, "seconds": round(time.time() - t0, 3)}, attempt, rid)
+        return got, reply.text, self._cost(reply.input_tokens, reply.output_tokens, thoughts=reply.thoughts_tokens)
 
     def ask_batch(self, payloads: list[Payload], schema: type[BaseModel], jobs_uri: str) -> list:
         """Answers for many payloads through the backend's Batch API: one Answer, TeacherFailed
@@ -193,22 +229,36 @@ class TeacherClient:
             log.info("batch job %s was submitted before; collecting it", job)
             rids = self.storage.read_json(record_uri).get("request_ids") or [uuid.uuid4().hex for _ in todo]
         else:  # every payload is audited as sent before the job is submitted
+            reserved = sum(self.most_cost(p, batch=True) for _, p, _ in todo)
+            if self.budget is not None and not self.budget.reserve(reserved):
+                for i, _, _ in todo:
+                    results[i] = BudgetReached(f"{self.role}.max_cost_usd would be passed by this batch")
+                return results
             rids = [self.audit.sent(self._record(p, 1, batch=chunk)) for _, p, _ in todo]
             job = self.backend.submit_batch([p for _, p, _ in todo], schema, f"cmevlm-{chunk}")
             self.storage.write_json(record_uri, {"job": job, "items": [p.item_id for _, p, _ in todo], "request_ids": rids})
+            if self.budget is not None:
+                self.budget.settle(reserved, reserved)  # a batch is counted at its most (its bill comes hours later)
         replies = self.backend.collect_batch(job, self.cfg.batch_poll_s)
         for (i, p, key), reply, rid in zip(todo, replies, rids):
-            got = "batch request failed"
-            if reply is not None:
-                got = self._accept(p, schema, key, reply, self._record(p, 1, batch_job=job), 1, rid)
-            if isinstance(got, Answer):
-                results[i] = got
-                continue
-            try:
-                results[i] = self.ask(p, schema)
-            except (TeacherFailed, PrivacyViolation) as e:
-                results[i] = e
+            results[i] = self._collected(p, schema, key, reply, job, rid)
         return results
+
+    def _collected(self, p: Payload, schema, key: str, reply, job: str, rid: str):
+        """One batch reply: its Answer; a block quarantined; anything else asked again as a
+        normal request (twice the room when it ran out of tokens)."""
+        got = self._accept(p, schema, key, reply, self._record(p, 1, batch_job=job), 1, rid) if reply is not None else "batch request failed"
+        if isinstance(got, Answer):
+            return got
+        if got.startswith("blocked:"):
+            return TeacherFailed(f"blocked by the model ({got[8:]}): not retried", reply.text if reply else "")
+        if got == "length":
+            limit = p.params.get("max_output_tokens", self.cfg.max_output_tokens)
+            p = replace(p, params={**p.params, "max_output_tokens": 2 * limit})
+        try:
+            return self.ask(p, schema, key=key, lengthened=got == "length")
+        except (TeacherFailed, PrivacyViolation, BudgetReached) as e:
+            return e
 
     def _backoff(self, attempt: int) -> None:
         if attempt < self.cfg.max_attempts:

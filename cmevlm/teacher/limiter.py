@@ -39,3 +39,43 @@ def ray_waiter(actor):
     import ray
 
     return lambda tokens: time.sleep(ray.get(actor.reserve.remote(tokens)))
+
+
+class Budget:
+    """The money a stage may still spend on its LLM (`max_cost_usd`, with what the audit shows
+    was spent in earlier runs counted), shared like the rate limiter. A request may leave while
+    what was billed so far is under the cap (`reserve(0)`), and is settled to its bill after: the
+    cap is passed by at most the requests in flight, one per concurrent actor. A batch job,
+    whose bill comes hours later, reserves its largest possible cost and is refused if that
+    could pass the cap."""
+
+    def __init__(self, cap_usd: float | None, spent_usd: float = 0.0):
+        self.cap, self.spent, self.reserved = cap_usd, spent_usd, 0.0
+
+    def reserve(self, usd: float) -> bool:
+        if self.cap is not None and (self.spent + self.reserved + usd > self.cap if usd else self.spent >= self.cap):
+            return False
+        self.reserved += usd
+        return True
+
+    def settle(self, reserved: float, billed: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += billed
+
+    def state(self) -> dict:
+        return {"cap_usd": self.cap, "spent_usd": round(self.spent, 6)}
+
+
+class RayBudget:
+    """`Budget`'s calls through a shared Ray actor."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def reserve(self, usd: float) -> bool:
+        import ray
+
+        return ray.get(self.actor.reserve.remote(usd))
+
+    def settle(self, reserved: float, billed: float) -> None:
+        self.actor.settle.remote(reserved, billed)

@@ -93,7 +93,8 @@ def judge_verdict(facts: dict) -> dict:
     rejected = min(scores, key=lambda k: (scores[k], -ord(k)))
     if rejected == accepted:  # every answer scored the same
         rejected = max(k for k in scores if k != accepted)
-    return {"accepted": accepted, "rejected": rejected,
+    strict = (gt_score if accepted == "ground_truth" else scores[accepted]) > scores[rejected]
+    return {"accepted": accepted, "rejected": rejected, "strict": strict,
             "reason": f"rubric scores {scores}, ground truth {gt_score}: accepted {accepted}, rejected {rejected}"}
 
 

@@ -64,6 +64,7 @@ JUDGE_SYSTEM_PROMPT = (
     "model answers A-E. Judge clinical accuracy (the right structure, the right side, correct CME "
     "significance) first and relevance and concision second. Answer in JSON: {\"accepted\": one of A-E, or "
     "\"ground_truth\" when every model answer is worse than it; \"rejected\": the worst of A-E; "
+    "\"strict\": true when accepted is really better than rejected, false when they are equally good; "
     "\"reason\": one sentence}. accepted and rejected must differ."
 )
 
