@@ -175,3 +175,15 @@ def test_rubric():
     assert mentions_significance(t, "pancreas")
     assert rubric_score(t, "pancreas", "left") == 5.0 and rubric_score(t, "pancreas", "right") == 4.0
     assert rubric_score("pancreas pancreas pancreas pancreas pancreas pancreas pancreas pancreas pancreas", "pancreas", "left") < 3
+
+
+def test_a_pair_needs_a_strict_preference_and_different_texts():
+    same, mixed = ["the duodenum"] * 5, ["the duodenum", "the pancreas", "x", "y", "z"]
+    v = {"accepted": "A", "rejected": "B", "strict": True}
+    assert prefer.integrity(mixed, "truth", v) == (v, None)
+    assert prefer.integrity(mixed, "truth", {**v, "strict": False})[1].startswith("tie: the judge finds A no better")
+    assert prefer.integrity(["a", "a", "b", "c", "d"], "truth", v)[1].startswith("tie: accepted A and rejected B are the same text")
+    gt = {"accepted": "ground_truth", "rejected": "C", "strict": True}
+    assert prefer.integrity(same, "the pancreas", gt) == (gt, None)  # a different, preferred ground truth stands against them
+    assert prefer.integrity(same, "the duodenum", gt)[1].startswith("all five answers are the same")
+    assert prefer.integrity(same, "the pancreas", v)[1].startswith("all five answers are the same")
