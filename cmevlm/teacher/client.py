@@ -98,6 +98,16 @@ def merge_audit(storage: Storage, uri: str) -> int:
     return sum(json.loads(line).get("event") == "outcome" for line in text.splitlines() if line.strip())
 
 
+def input_tokens(payload: Payload) -> int:
+    """A request's input tokens before it is sent: ~4 characters a token, 258 for a mask."""
+    return len(payload.system + payload.text) // 4 + 258 * (payload.mask is not None)
+
+
+def cache_entry(cache_uri: str, key: str) -> str:
+    """Where the cached answer of `key` lives."""
+    return join(cache_uri, key[:2], key + ".json")
+
+
 class TeacherClient:
     def __init__(self, cfg: LLMConfig, workdir: str, storage: StorageConfig | None = None, wait=None, backend=None,
                  cache_dir: str = "teacher/cache", audit_file: str = "teacher/audit.jsonl", role: str = "teacher", budget=None):
@@ -118,11 +128,10 @@ class TeacherClient:
 
     def most_cost(self, payload: Payload, batch: bool = False) -> float:
         """The largest a request can cost: its input and every token its limit allows."""
-        tin = len(payload.system + payload.text) // 4 + 258 * (payload.mask is not None)
-        return self._cost(tin, request_limit(self.cfg, payload.params.get("max_output_tokens", self.cfg.max_output_tokens)), batch)
+        return self._cost(input_tokens(payload), request_limit(self.cfg, payload.params.get("max_output_tokens", self.cfg.max_output_tokens)), batch)
 
     def cached(self, key: str) -> dict | None:
-        uri = join(self.cache_uri, key[:2], key + ".json")
+        uri = cache_entry(self.cache_uri, key)
         return self.storage.read_json(uri) if self.storage.exists(uri) else None
 
     def _from_cache(self, key: str, schema: type[BaseModel]) -> Answer | None:
@@ -152,7 +161,7 @@ class TeacherClient:
             return f"malformed output: {e.errors()[0]['msg'] if e.errors() else e}"
         entry = {"key": key, "item_id": payload.item_id, "text": value.model_dump_json(), "input_tokens": reply.input_tokens,
                  "output_tokens": reply.output_tokens, "cost_usd": cost, "time": record["time"]}
-        self.storage.write_json(join(self.cache_uri, key[:2], key + ".json"), entry)
+        self.storage.write_json(cache_entry(self.cache_uri, key), entry)
         return Answer(value, entry["text"], reply.input_tokens, reply.output_tokens + reply.thoughts_tokens, cost, False, requests)
 
     def ask(self, payload: Payload, schema: type[BaseModel], key: str | None = None, lengthened: bool = False) -> Answer:

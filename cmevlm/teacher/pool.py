@@ -124,8 +124,9 @@ def _ask_batched(cfg: RunConfig, tcfg: LLMConfig, requests: list[dict], schema) 
         raise ConfigError("batch mode needs backend=gemini")
     from cmevlm.teacher.limiter import Budget
 
-    budget = Budget(tcfg.max_cost_usd, audited_cost(cfg, "teacher" if tcfg is cfg.teacher else "judge")) if tcfg.max_cost_usd else None
-    client = TeacherClient(tcfg, cfg.workdir, cfg.storage, role="teacher" if tcfg is cfg.teacher else "judge", budget=budget)
+    role = "teacher" if tcfg is cfg.teacher else "judge"
+    budget = Budget(tcfg.max_cost_usd, audited_cost(cfg, role)) if tcfg.max_cost_usd else None
+    client = TeacherClient(tcfg, cfg.workdir, cfg.storage, role=role, budget=budget)
     results, n = [], tcfg.batch_max_requests
     for i in range(0, len(requests), n):
         chunk = requests[i:i + n]
@@ -162,7 +163,7 @@ def estimate(cfg: RunConfig, section: str, requests: list[dict], schema) -> dict
     mean of the cached answers, else max_output_tokens) and thinking tokens (thinking_budget, or
     the default allowance), priced with the section's prices."""
     from cmevlm.config import DEFAULT_THINKING_ALLOWANCE
-    from cmevlm.teacher.client import cache_key
+    from cmevlm.teacher.client import cache_entry, cache_key, input_tokens
 
     tcfg: LLMConfig = getattr(cfg, section)
     st = Storage(cfg.storage)
@@ -170,14 +171,14 @@ def estimate(cfg: RunConfig, section: str, requests: list[dict], schema) -> dict
     for r in requests:
         p = _payload(r, tcfg)
         key = cache_key(tcfg.backend, tcfg.model, p, schema)
-        hit = join(cache, key[:2], key + ".json")
+        hit = cache_entry(cache, key)
         if st.exists(hit):
             outputs.append(st.read_json(hit)["output_tokens"])
         else:
             todo.append(p)
     out_each = sum(outputs) / len(outputs) if outputs else tcfg.max_output_tokens
     think_each = 0 if tcfg.backend == "offline" else tcfg.thinking_budget if tcfg.thinking_budget is not None else DEFAULT_THINKING_ALLOWANCE
-    tin = sum(len(p.system + p.text) // 4 + 258 * (p.mask is not None) for p in todo)
+    tin = sum(input_tokens(p) for p in todo)
     tout, tthink = round(out_each * len(todo)), think_each * len(todo)
     price = 0.0 if tcfg.backend == "offline" else (0.5 if tcfg.batch else 1.0) * (tin * tcfg.price_input_per_m + (tout + tthink) * tcfg.price_output_per_m) / 1e6
     return {"section": section, "backend": tcfg.backend, "model": tcfg.model, "requests": len(todo), "cached": len(outputs),
