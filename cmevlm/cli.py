@@ -181,7 +181,8 @@ def cmd_serve(args) -> int:
     cfg = _load(args)
     check_bind(cfg)  # a non-loopback bind without keys: a message, exit 2
     model = stage_uri(cfg, cfg.serve.model)
-    if not Storage(cfg.storage).exists(model.rstrip("/") + "/config.json"):
+    st = Storage(cfg.storage)
+    if not any(st.exists(model.rstrip("/") + "/" + f) for f in ("config.json", "adapter_config.json")):
         raise MissingInput(f"no model to serve at {model} (set serve.model)")
     print(f"serving {model} on http://{cfg.serve.host}:{args.port or cfg.serve.port} (Ctrl-C stops)", flush=True)
     app.run(cfg, port=args.port)

@@ -161,6 +161,20 @@ class JudgeConfig(LLMConfig):
     score_temperature: float = Field(0.0, ge=0, le=2, description="Temperature of evaluate's scoring requests (0: the same answer gets the same score).")
 
 
+class LoraSettings(_Section):
+    """A LoRA adapter (PEFT) instead of training the full weights. Only the adapter trains;
+    the freeze policy still decides which components get adapters (an adapter on a frozen
+    component would train it)."""
+
+    r: int = Field(16, ge=1, description="Rank of the low-rank update.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the update is (alpha / r) B A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names (last part) that get adapters, inside the components the freeze policy trains; the merger's MLP is `mlp.0` / `mlp.2`.")
+    merge: bool = Field(True, description="Export also writes the merged model (base + adapter) next to the adapter, so tooling that knows no PEFT loads it.")
+
+
 class _Training(_Section):
     """What SFT and DPO share: the Ray Train scaling, DeepSpeed, the optimiser schedule,
     checkpoints. Effective batch = per_device_batch_size x grad accumulation x num_workers;
@@ -184,6 +198,7 @@ class _Training(_Section):
     offload: bool = Field(False, description="ZeRO CPU offload of optimiser states (and parameters at stage 3).")
     gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer in the backward pass: activations shrink from every layer's to one layer's plus each layer's input, for ~1/3 more compute (needed for 7B at real sequence lengths).")
     freeze: FreezePolicy | None = Field(None, description="Freeze policy: sft | dpo | lm_only | none; None = the stage's own.")
+    lora: LoraSettings | None = Field(None, description="Train a LoRA adapter (PEFT) instead of the full weights; null = full fine-tuning. A 7B with LoRA fits one 24 GB card (`cmevlm plan`).")
     checkpoint_every: int = Field(50, ge=1, description="Optimiser steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept under <workdir>/checkpoints/<stage>.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
@@ -327,6 +342,38 @@ class PlanConfig(_Section):
     answer_tokens: int = Field(256, ge=1, description="Tokens of a training answer when sft/dpo.max_length is unset.")
 
 
+class DPSettings(_Section):
+    """Differential privacy on what a site sends: NVIDIA FLARE's SVTPrivacy filter (sparse
+    vector technique: clip each update to `gamma`, release a `fraction` of it with Laplace
+    noise), applied to the weight difference of the round before the audit records it."""
+
+    fraction: float = Field(0.1, gt=0, le=1, description="Fraction of the update's values released each round.")
+    epsilon: float = Field(1.0, gt=0, description="Privacy budget of the selection phase per round.")
+    noise_var: float = Field(0.1, gt=0, description="Release noise control (NVFlare's noise_var).")
+    gamma: float = Field(1e-2, gt=0, description="Clipping bound of each released value.")
+    tau: float = Field(1e-6, ge=0, description="Threshold below which a value is not released.")
+
+
+class FederationConfig(_Section):
+    """A consortium: sites train together by federated averaging on NVIDIA FLARE; frames never
+    leave a site, only the trainable parameters and example counts (README, Consortium)."""
+
+    name: str = Field("cmevlm", description="Project name of the consortium (in certificates and the job).")
+    site: str | None = Field(None, description="This participant's name (`cmevlm site`): one of `sites`.")
+    sites: list[str] = Field(default_factory=list, description="Every site of the consortium (`cmevlm federate` provisions one startup kit each).")
+    server_host: str = Field("localhost", description="The coordinator's host name as sites reach it (in its certificate).")
+    port: int = Field(18002, ge=1, le=65535, description="The coordinator's gRPC port (federated learning and admin, mutual TLS).")
+    kits: str = Field("federation/kits", description="Provisioned startup kits (certificates, keys, endpoints): a folder with one per participant, under the workdir when relative; on Kubernetes each is a mounted Secret.")
+    kit: str | None = Field(None, description="This participant's own startup kit folder; None = <kits>/<site or server_host>.")
+    rounds: int = Field(3, ge=1, description="Rounds of FedAvg (a final distribution round follows, in which each site evaluates and keeps the consortium model).")
+    local_steps: int = Field(20, ge=1, description="Optimiser steps each site trains per round, through its own Ray Train stage.")
+    trainable: Literal["lora", "full"] = Field("lora", description="What is averaged: the LoRA adapter (sft.lora, default r=16 when unset), or full = every parameter the freeze policy trains (merger + LM).")
+    min_sites: int | None = Field(None, ge=1, description="Sites a round waits for; None = all.")
+    dp: DPSettings | None = Field(None, description="Differential privacy filter on every site's updates; null = off.")
+    capture_messages: bool = Field(False, description="Each site also keeps every serialized message it sends under federation/messages/ (for the no-image scan).")
+    timeout_s: float = Field(3600, gt=0, description="Seconds the coordinator waits for the job.")
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -351,6 +398,7 @@ class RunConfig(_Section):
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,6 +168,28 @@ def image_sizes(cfg: RunConfig, s: Shape) -> tuple[int, int]:
     return (side // s.merge) ** 2, side * side
 
 
+def lora_params(config: dict, settings, policy: str) -> int:
+    """Exact adapter parameters: r x (in + out) per adapted Linear, on the meta device."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from cmevlm.train.lora import targets
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config))
+    modules = dict(model.named_modules())
+    return sum(settings.r * (modules[n].in_features + modules[n].out_features) for n in targets(model, settings.target_modules, policy))
+
+
+def lora_train_memory(t, P: int, L: int, w: int) -> tuple[dict, dict]:
+    """A frozen base in the weights' dtype (partitioned at ZeRO-3) and an fp32 adapter (PEFT
+    upcasts it) with its fp32 gradients and Adam's two moments; DPO's reference is the same
+    base with the adapter off, so no second copy."""
+    gpu = {"weights": w * P / (t.num_workers if t.zero_stage == 3 else 1), "adapter": 4 * L}
+    (gpu if not t.offload else {}).update(gradients=4 * L, optimizer=8 * L)
+    return gpu, ({"gradients": 4 * L, "optimizer": 8 * L} if t.offload else {})
+
+
 def train_plan(cfg: RunConfig, s: Shape, stage: str) -> StagePlan:
     t = getattr(cfg, stage)
     policy = t.freeze or stage
@@ -175,7 +197,9 @@ def train_plan(cfg: RunConfig, s: Shape, stage: str) -> StagePlan:
     P, N = s.total, t.num_workers
     w = 2 if t.bf16 else 4
     gpu, host = {}, {}
-    if t.zero_stage == 0:  # plain DDP: fp32 weights and gradients, Adam's two moments
+    if t.lora is not None:
+        gpu, host = lora_train_memory(t, P, lora_params(read_model_config(cfg), t.lora, policy), w)
+    elif t.zero_stage == 0:  # plain DDP: fp32 weights and gradients, Adam's two moments
         gpu.update(weights=4 * P, gradients=4 * trained, optimizer=8 * trained)
         if t.bf16:  # torch autocast keeps a bf16 copy of each trainable weight for the step
             gpu["autocast copies"] = 2 * trained
@@ -189,7 +213,7 @@ def train_plan(cfg: RunConfig, s: Shape, stage: str) -> StagePlan:
         else:
             (host if t.offload else gpu)["weights"] = w * P / N
             gpu["gather buffer"] = 4 * s.largest
-    if stage == "dpo":  # the frozen reference: a second copy in the weights' dtype (TRL, ref_model=None)
+    if stage == "dpo" and t.lora is None:  # the frozen reference: a second copy in the weights' dtype (TRL, ref_model=None)
         (host if t.zero_stage == 3 and t.offload else gpu)["reference"] = w * P / (N if t.zero_stage == 3 else 1)
     image_tokens, patches = image_sizes(cfg, s)
     tokens = t.max_length or image_tokens + 2 + cfg.plan.prompt_tokens + cfg.plan.answer_tokens
@@ -232,10 +256,15 @@ def _finish(cfg: RunConfig, stage: str, on_gpu: bool, workers: int, gpu: dict, h
     return StagePlan(stage, pool, workers, parts, {k: round(v / GiB, 2) for k, v in host.items()}, cfg.plan.pools[pool])
 
 
-def export_plan(cfg: RunConfig) -> dict:
-    """The export task's host memory: constant, whatever the model (it streams)."""
+def export_plan(cfg: RunConfig, s: Shape) -> dict:
+    """The export task's host memory: constant, whatever the model (it streams), except a
+    LoRA export that also writes the merged model: that loads the model in the export dtype."""
     need = EXPORT_PROCESS_GIB + 2 * 64 / 1024
-    return {"need_gib": round(need, 2), "request_gib": cfg.model.export_memory_gb, "fits": need <= cfg.model.export_memory_gb}
+    merging = any(t.lora is not None and t.lora.merge for t in (cfg.sft, cfg.dpo))
+    if merging:
+        need = EXPORT_PROCESS_GIB + s.total * (4 if cfg.model.export_dtype == "float32" else 2) / 2**30
+    return {"need_gib": round(need, 2), "request_gib": cfg.model.export_memory_gb, "fits": need <= cfg.model.export_memory_gb,
+            "merges_lora": merging}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +309,7 @@ def make_plan(cfg: RunConfig, stages: tuple[str, ...] = (*TRAIN_STAGES, *INFER_S
         if not p.fits:
             p.fixes = fixes(cfg, s, stage)
         plans.append(p)
-    export = export_plan(cfg)
+    export = export_plan(cfg, s)
     pods = pod_checks(cfg, s, values) if values else []
     return {"model": {"config": config_path(cfg), "parameters": s.params, "total": s.total},
             "stages": [p.as_dict() for p in plans], "export": export, "pods": pods,
@@ -373,7 +402,8 @@ def render(plan: dict) -> str:
         lines.append(f"{st['stage']:<9}{where:<14}{st['need_gib']:>10.2f}{has:>8}  {'yes' if st['fits'] else 'NO ':<4}  {parts}{host}")
     e = plan["export"]
     lines.append(f"{'export':<9}{'host (task)':<14}{e['need_gib']:>10.2f}{e['request_gib']:>8.1f}  {'yes' if e['fits'] else 'NO ':<4}  "
-                 "streams tensors in 64 MiB chunks (model.export_memory_gb)")
+                 + ("loads the model to merge the LoRA adapter (lora.merge; model.export_memory_gb)" if e.get("merges_lora")
+                    else "streams tensors in 64 MiB chunks (model.export_memory_gb)"))
     for c in plan.get("pods", []):
         lines.append(f"{'pods':<9}{c['check']:<40} need {c['need']:g} {c['unit']}, has {c['have']:g}: "
                      f"{'yes' if c['fits'] else 'NO (' + c['fix'] + ')'}")

@@ -316,3 +316,30 @@ def test_plan_with_the_charts_values_checks_its_pods(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "head memory" in out and "need 4 GiB, has 2: NO" in out
     assert "sft host memory per h100 pod" in out and "has 128: NO" in out
+
+
+def test_7b_lora_fits_one_4090_and_the_plan_counts_the_adapter_peft_builds(real_width_dir, capsys):
+    one_4090 = ["--set", "sft.num_workers=1", "--set", "sft.zero_stage=0", "--set", "sft.lora={r: 16}", "--set",
+                "sft.gradient_checkpointing=true", "--set", "sft.per_device_batch_size=1", "--set", "plan.stage_pools.sft=rtx4090"]
+    assert main(["plan", "--config", CLUSTER, *one_4090]) == 3  # merging the adapter at export loads the model
+    assert "16.05" in capsys.readouterr().out
+    one_4090 += ["--set", "model.export_memory_gb=20"]
+    assert main(["plan", "--config", CLUSTER, "--json", *one_4090]) == 0
+    sft_plan = next(s for s in json.loads(capsys.readouterr().out)["stages"] if s["stage"] == "sft")
+    assert sft_plan["fits"] and sft_plan["capacity_gib"] == 24 and "reference" not in sft_plan["parts_gib"]
+    assert sft_plan["parts_gib"]["weights"] == pytest.approx(15.45, abs=0.01)  # the frozen base in bf16
+    full = [x for x in one_4090 if x not in ("sft.lora={r: 16}", "--set", "model.export_memory_gb=20")]
+    assert main(["plan", "--config", CLUSTER, *[a for x in full for a in ("--set", x)]]) == 3  # full fine-tuning does not
+    capsys.readouterr()
+    # Real widths: the adapter the plan counts is the one PEFT builds.
+    from cmevlm.config import LoraSettings
+    from cmevlm.model.loading import load_model
+    from cmevlm.train import lora
+    from cmevlm.train.freeze import apply_freeze
+
+    model = load_model(str(real_width_dir), dtype="bfloat16")
+    apply_freeze(model, "sft")
+    wrapped, counts = lora.wrap(model, LoraSettings(r=16), "sft")
+    built = sum(v["trainable"] for v in counts.values())
+    assert built == plan.lora_params(json.loads((real_width_dir / "config.json").read_text()), LoraSettings(r=16), "sft")
+    assert {p.dtype for p in wrapped.parameters() if p.requires_grad} == {torch.float32}  # PEFT keeps the adapter in fp32

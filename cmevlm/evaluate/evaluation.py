@@ -45,7 +45,7 @@ def models_to_evaluate(cfg: RunConfig, st: Storage) -> dict[str, str]:
     out = {}
     for name, uri in wanted.items():
         full = stage_uri(cfg, uri)
-        if st.exists(join(full, "config.json")) and (full == cfg.model.base or st.is_complete(full) or cfg.evaluate.models):
+        if (st.exists(join(full, "config.json")) or st.exists(join(full, "adapter_config.json"))) and (full == cfg.model.base or st.is_complete(full) or cfg.evaluate.models):
             out[name] = full
         else:
             log.info("evaluate: %s (%s) does not exist yet, left out", name, full)

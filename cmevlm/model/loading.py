@@ -53,8 +53,8 @@ def make_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 28 * 
 def local_model_dir(uri: str, storage: StorageConfig | None = None) -> Path:
     """A local folder holding the model: the path itself, or a cached copy of an s3:// prefix."""
     path = Storage(storage).local_dir(uri)
-    if not (path / "config.json").exists():
-        raise MissingInput(f"{uri} is not a Hugging Face model directory (no config.json)")
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise MissingInput(f"{uri} is not a Hugging Face model or adapter directory (no config.json, no adapter_config.json)")
     return path
 
 
@@ -120,10 +120,19 @@ def inference_device(num_gpus: float) -> str:
 def load_model(uri: str, storage: StorageConfig | None = None, dtype: str = "float32", device: str = "cpu",
                attn: str = "sdpa"):
     """`Qwen2_5_VLForConditionalGeneration` from a local folder or s3:// prefix, in `dtype`
-    (a name of DTYPES), with attention `attn`, moved to `device`, in eval mode."""
+    (a name of DTYPES), with attention `attn`, moved to `device`, in eval mode. An adapter
+    directory (cmevlm.train.lora) gives its merged model: `merged/` when the export wrote
+    one, else its base (loaded the same way, so an adapter on an adapter works) + the adapter."""
     from transformers import AutoModelForImageTextToText
 
+    from cmevlm.train import lora
+
     path = local_model_dir(uri, storage)
+    if lora.is_adapter_dir(path):
+        if (path / lora.MERGED / "config.json").exists():
+            return load_model(str(path / lora.MERGED), None, dtype, device, attn)
+        base = load_model(lora.base_of(path), storage, dtype, "cpu", attn)
+        return lora.apply_adapter(base, path).to(device).eval()
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=resolve_dtype(dtype, device), attn_implementation=resolve_attention(attn))
     return model.to(device).eval()

@@ -20,6 +20,7 @@ from cmevlm.storage import Storage, is_s3, join
 log = logging.getLogger(__name__)
 
 FINAL_MARKER = "final.json"
+TRAINABLE = "trainable.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,8 +36,9 @@ def train_dtype(t: _Training) -> str:
     """The dtype a worker loads weights in. Under DeepSpeed with bf16, bf16 weights (the real
     checkpoints are bf16, so nothing is lost) and DeepSpeed keeps fp32 master copies in the
     optimiser: half the host memory per worker. Otherwise fp32: plain DDP and CPU runs update
-    the loaded weights themselves."""
-    return "bfloat16" if t.bf16 and t.zero_stage > 0 else "float32"
+    the loaded weights themselves. With LoRA the base is frozen: bf16 whenever bf16 is on
+    (PEFT keeps the adapter itself in fp32)."""
+    return "bfloat16" if t.bf16 and (t.zero_stage > 0 or t.lora is not None) else "float32"
 
 
 def deepspeed_config(t: _Training) -> dict | None:
@@ -126,20 +128,43 @@ def init_distributed(t: _Training) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
 
 
-def load_trainable(cfg: RunConfig, t: _Training, uri: str, policy: str):
+def load_trainable(cfg: RunConfig, t: _Training, uri: str, policy: str, init: str | None = None):
     """(model, processor, parameter counts) for training: the one loading helper in the
-    training dtype, right padding, the freeze policy applied."""
+    training dtype, right padding, the freeze policy applied, a LoRA adapter with `t.lora`;
+    `init` = a safetensors file of trainable tensors to start from (a federated round)."""
     from cmevlm.model.loading import load
     from cmevlm.train.freeze import apply_freeze
 
     model, processor = load(cfg, uri, dtype=train_dtype(t), device="cpu")
     processor.tokenizer.padding_side = "right"  # training pads right; generation pads left
-    return model, processor, apply_freeze(model, policy)
+    counts = apply_freeze(model, policy)
+    if t.lora is None:
+        start_from(cfg, model, init)
+        return model, processor, counts
+    from cmevlm.train import lora
+
+    if t.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+    model, counts = lora.wrap(model, t.lora, policy)
+    start_from(cfg, model, init)
+    return model, processor, counts
 
 
-def train_and_report(trainer, t: _Training, what: str, counts: dict, scratch: str) -> None:
+def start_from(cfg: RunConfig, model, init: str | None) -> None:
+    """Load a federated round's global trainable tensors (a safetensors file in the run's
+    storage, so workers on any node read it) into the model; a no-op without."""
+    if init:
+        from safetensors.torch import load
+
+        from cmevlm.train.lora import load_trainable_state
+
+        load_trainable_state(model, load(Storage(cfg.storage).read_bytes(init)))
+
+
+def train_and_report(trainer, t: _Training, what: str, counts: dict, scratch: str, keep_trainable: bool = False) -> None:
     """Inside a worker: per-step metrics, Ray Train's reporting, resume from the last
-    checkpoint, train, and report the final model."""
+    checkpoint, train, and report the final model (with `keep_trainable` also the trained
+    tensors alone, as `trainable.safetensors`: what a federated round sends)."""
     import ray.train
     from ray.train.huggingface.transformers import prepare_trainer
 
@@ -151,7 +176,14 @@ def train_and_report(trainer, t: _Training, what: str, counts: dict, scratch: st
     if ray.train.get_context().get_world_rank() == 0:
         log.info("%s: %d rows, trainable parameters %s", what, len(trainer.train_dataset), json.dumps(counts))
     trainer.train(resume_from_checkpoint=resume_dir(scratch))
-    report_final(trainer, metrics.rows, {"parameters": counts}, scratch)
+    if keep_trainable and ray.train.get_context().get_world_rank() == 0:
+        from safetensors.torch import save_file
+
+        from cmevlm.train.lora import trainable_state
+
+        Path(scratch, "final").mkdir(parents=True, exist_ok=True)
+        save_file({k: v.float().contiguous() for k, v in trainable_state(trainer.model).items()}, str(Path(scratch, "final", TRAINABLE)))
+    report_final(trainer, metrics.rows, {"parameters": counts, "stage": what}, scratch)
 
 
 def attach_callbacks(trainer, metrics) -> None:
@@ -247,8 +279,7 @@ def export_model(cfg: RunConfig, result, base_uri: str, out_uri: str, frozen: se
 def _export_task(cfg_json: str, ckpt, base_uri: str, out_uri: str, frozen: list[str], extra: dict, error: str) -> dict:
     """Inside the Ray task: stream the export into a temporary folder, add the training record
     (training_args.json, metrics.jsonl, loss.png), upload. Its peak RSS goes into the result."""
-    from cmevlm.model.loading import local_model_dir
-    from cmevlm.train.export import export_dir, peak_rss_bytes
+    from cmevlm.train.export import peak_rss_bytes
 
     cfg = RunConfig.model_validate_json(cfg_json)
     storage = Storage(cfg.storage)
@@ -257,9 +288,7 @@ def _export_task(cfg_json: str, ckpt, base_uri: str, out_uri: str, frozen: list[
         d = Path(d)
         if not (d / FINAL_MARKER).exists():
             raise RuntimeError(f"training did not finish (its last checkpoint is not final): {error}")
-        m = cfg.model
-        figures = export_dir(local_model_dir(base_uri, cfg.storage), d, Path(tmp), set(frozen), dtype=m.export_dtype,
-                             shard_bytes=int(m.export_shard_gb * 2**30))
+        figures = _export_weights(cfg, d, Path(tmp), base_uri, frozen)
         for name in ("metrics.jsonl", "log_history.json"):
             if (d / name).exists():
                 shutil.copy(d / name, Path(tmp, name))
@@ -271,6 +300,21 @@ def _export_task(cfg_json: str, ckpt, base_uri: str, out_uri: str, frozen: list[
     figures.update(seconds=round(time.time() - t0, 1), peak_rss_gb=round(peak_rss_bytes() / 2**30, 3))
     log.info("export: %s", json.dumps(figures))
     return {**final, "export": figures}
+
+
+def _export_weights(cfg: RunConfig, checkpoint: Path, out: Path, base_uri: str, frozen: list[str]) -> dict:
+    """An adapter checkpoint -> adapter directory (+ merged model); a full one -> the streamed
+    model directory."""
+    from cmevlm.model.loading import local_model_dir
+    from cmevlm.train import lora
+    from cmevlm.train.export import export_dir
+
+    m = cfg.model
+    if lora.is_adapter_dir(checkpoint):
+        t = cfg.sft if json.loads((checkpoint / FINAL_MARKER).read_text()).get("stage") != "dpo" else cfg.dpo
+        return lora.export_adapter(checkpoint, out, base_uri, cfg.storage, m.export_dtype, merge=bool(t.lora and t.lora.merge))
+    return export_dir(local_model_dir(base_uri, cfg.storage), checkpoint, out, set(frozen), dtype=m.export_dtype,
+                      shard_bytes=int(m.export_shard_gb * 2**30))
 
 
 def _loss_plot(metrics: Path, out: Path, title: str) -> None:

@@ -14,6 +14,7 @@ The result is exported to `<workdir>/models/sft/` in Hugging Face format.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from cmevlm.config import RunConfig
@@ -34,10 +35,28 @@ def train_loop(config: dict) -> None:
 
     scratch = common.scratch_dir("sft")
     args = SFTConfig(**common.trainer_kwargs(t, scratch), max_length=t.max_length, assistant_only_loss=True)
-    model, processor, counts = common.load_trainable(cfg, t, config["base"], config["freeze"])
+    model, processor, counts = common.load_trainable(cfg, t, config["base"], config["freeze"], config.get("init"))
     dataset = common.load_dataset(Storage(cfg.storage), config["data"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
-    common.train_and_report(trainer, t, "sft", counts, scratch)
+    common.train_and_report(trainer, t, "sft", counts, scratch, keep_trainable=bool(config.get("init")))
+
+
+def local_round(cfg: RunConfig, init: str, name: str) -> tuple[bytes, dict]:
+    """One federated round at a site: `cfg.sft` (its max_steps = the round's local steps)
+    from the global trainable tensors in `init`, through the same Ray Train stage as `run`.
+    Returns (the trained tensors as safetensors bytes, the final marker)."""
+    t, data = cfg.sft, stage_uri(cfg, cfg.sft.data)
+    policy = t.freeze or "sft"
+    result = common.fit(cfg, t, name, train_loop, {"cfg": cfg.model_dump_json(), "base": cfg.model.base, "data": data,
+                                                   "freeze": policy, "init": init})
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        with open(f"{d}/{common.TRAINABLE}", "rb") as f:
+            trained = f.read()
+        with open(f"{d}/{common.FINAL_MARKER}") as f:
+            final = json.load(f)
+    return trained, final
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
