@@ -228,6 +228,8 @@ def cmd_demo(args) -> int:
     from cmevlm import demo
 
     cfg = _load(args)
+    if args.consortium:
+        return consortium_demo(cfg, args.workdir or "runs/consortium")
     if args.workdir:
         from cmevlm.config import absolute_uri
 
@@ -247,6 +249,48 @@ def cmd_demo(args) -> int:
     print(f"expert review: {r['answers']} flagged answers, {r['preferences']} flagged preference pairs and {r['expert']} "
           f"blinded expert items wait in `cmevlm review{where}` (http://127.0.0.1:8090/)")
     return 0
+
+
+def consortium_demo(cfg, workdir: str) -> int:
+    from cmevlm.federation import demo, report
+
+    summary = demo.run(cfg, workdir)
+    print(f"\n{report.table_text(summary)}\n\nconsortium demo: done in {summary['timings_s']['total']:.0f} s; "
+          f"report: {workdir}/consortium/report.html")
+    for name, ok in summary["targets"].items():
+        print(f"  {'met' if ok else 'NOT met'}: {name}")
+    return 0 if all(summary["targets"].values()) else 4
+
+
+def cmd_federate(args) -> int:
+    from cmevlm.config import absolute_paths
+    from cmevlm.federation import coordinator, kits
+
+    cfg = absolute_paths(_load(args))
+    if args.provision:
+        out = kits.provision(cfg)
+        print(f"startup kits in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+        if args.secrets:
+            print(f"Kubernetes Secrets: {kits.write_secrets(cfg, args.secrets)}")
+        return 0
+    if args.server:  # the coordinator's Deployment: FLARE's server in the foreground
+        server = coordinator.serve(cfg, coordinator.prepare(cfg)[0])
+        print(f"federation server listening on {cfg.federation.server_host}:{cfg.federation.port} (mutual TLS)", flush=True)
+        return server.wait()
+    if args.submit:  # one job to a running server (a Kubernetes Job, or an admin's machine)
+        summary = coordinator.submit(cfg, coordinator.prepare(cfg)[1])
+    else:
+        summary = coordinator.run(cfg)
+    print(f"federate: {len({r['round'] for r in summary['rounds']})} rounds in {summary['seconds']:.0f} s; "
+          f"consortium model: {cfg.workdir}/models/federated")
+    return 0
+
+
+def cmd_site(args) -> int:
+    from cmevlm.config import absolute_paths
+    from cmevlm.federation import site
+
+    return site.run(absolute_paths(_load(args)), once=args.once)
 
 
 def cmd_pipeline(args) -> int:
@@ -378,6 +422,31 @@ def _service_commands(sub) -> None:
     p.set_defaults(func=cmd_review)
 
 
+def _federation_commands(sub) -> None:
+    """federate, site: the consortium on NVIDIA FLARE."""
+    p = sub.add_parser("federate", help="the consortium's coordinator: FedAvg rounds of the sites' SFT on NVIDIA FLARE",
+                       description="Start NVIDIA FLARE's server from the coordinator's startup kit (gRPC, mutual TLS), submit one "
+                       "FedAvg job over federation.sites (federation.rounds rounds of federation.local_steps local SFT steps, "
+                       "weighted by example counts, then a distribution round in which each site evaluates and keeps the model), "
+                       "and write <workdir>/models/federated and <workdir>/consortium/federation.json. Kits are provisioned "
+                       "under federation.kits when missing (unless federation.kit points at a mounted one).")
+    _config_args(p)
+    p.add_argument("--provision", action="store_true", help="only write every participant's startup kit (certificates) and exit")
+    p.add_argument("--secrets", metavar="DIR", default=None, help="with --provision: also write one Kubernetes Secret manifest per kit into DIR")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--server", action="store_true", help="only run FLARE's server in the foreground (the chart's coordinator Deployment)")
+    mode.add_argument("--submit", action="store_true", help="only submit one job to a running server with the admin kit, wait, and write the outputs")
+    p.set_defaults(func=cmd_federate)
+
+    p = sub.add_parser("site", help="one hospital of the consortium: its ingest and teach, then NVIDIA FLARE's client",
+                       description="Run this site's ingest and teach (skipped when complete), then NVIDIA FLARE's client from "
+                       "federation.kit (default <federation.kits>/<federation.site>), which trains the consortium's rounds on "
+                       "this site's data through its own Ray cluster and sends only trainable parameters and counts, each "
+                       "recorded in <workdir>/federation/audit.jsonl before it leaves.")
+    _config_args(p)
+    p.add_argument("--once", action="store_true", help="stop after this site has kept the consortium model of one job")
+    p.set_defaults(func=cmd_site)
+
 
 def _run_commands(sub) -> None:
     """submit, demo, pipeline: the whole method, here or on a cluster."""
@@ -405,6 +474,10 @@ def _run_commands(sub) -> None:
     p.add_argument("--workdir", default=None, help="where the demo writes (default: the config's workdir, runs/demo)")
     p.add_argument("--procedures", type=int, default=24, help="synthetic procedures (default 24)")
     p.add_argument("--frames-per-procedure", type=int, default=30, help="synthetic frames per procedure (default 30)")
+    p.add_argument("--consortium", action="store_true",
+                   help="three synthetic hospitals that see different data: a local-only model each and the federated one "
+                   "(NVIDIA FLARE, separate processes, mutual TLS), all evaluated on every site's test set; writes "
+                   "<workdir>/consortium/report.json and report.html (default workdir runs/consortium); exit 4 when a target is missed")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pipeline", help="run the stages in order (ingest ... evaluate), skipping completed ones",
@@ -430,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
 
-    for add in (_tool_commands, _stage_commands, _service_commands, _run_commands):
+    for add in (_tool_commands, _stage_commands, _service_commands, _run_commands, _federation_commands):
         add(sub)
     return parser
 

@@ -21,7 +21,7 @@ def cmevlm(*args, check=True):
 
 
 # The subcommands the README documents: the tools, every stage of the registry, the rest.
-SUBCOMMANDS = ("config", "plan", "synth", "tiny-model", *NAMES, "serve", "review", "submit", "demo", "pipeline")
+SUBCOMMANDS = ("config", "plan", "synth", "tiny-model", *NAMES, "serve", "review", "submit", "demo", "pipeline", "federate", "site")
 
 
 def test_help_lists_every_subcommand_with_a_line():

@@ -148,7 +148,7 @@ def test_no_network_path_reaches_a_heads_ray_ports_from_outside_its_cluster(tmp_
         policies = [{**d, "metadata": {**d["metadata"], "namespace": "ml"}} for d in docs if d["kind"] == "NetworkPolicy"]
         heads = [Pod("ml", tpl["metadata"]["labels"]) for d in docs if d["apiVersion"].startswith("ray.io/")
                  for tpl in pod_specs(d) if tpl["metadata"]["labels"]["cmevlm.io/role"] == "head"]
-        assert heads, scenario
+        assert heads or values.get("federation", {}).get("coordinator", {}).get("enabled"), scenario
         strangers = [Pod("ml", {"app": "other"}), Pod("other-ns", {}), Pod("ml", {"app.kubernetes.io/name": "cmevlm"}),
                      Pod("clinical-apps", {}), Pod("monitoring", {})]
         for head in heads:
@@ -228,3 +228,34 @@ def test_values_schema_rejects_bad_values(tmp_path):
     r = subprocess.run([HELM, "template", "x", str(CHART), "-f", str(bad)], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "HELM_CACHE_HOME": str(tmp_path / "c"), "HELM_CONFIG_HOME": str(tmp_path / "f")})
     assert r.returncode != 0 and "enabled" in r.stderr
+
+
+def test_federation_pods_mount_only_their_own_kit_and_a_site_reaches_only_the_coordinator(tmp_path):
+    coord = render(CHART / "ci" / "06-federation-coordinator-values.yaml", tmp_path)
+    by = {(d["kind"], d["metadata"]["name"]): d for d in coord}
+    server = by[("Deployment", "rel-cmevlm-coordinator")]["spec"]["template"]["spec"]
+    assert server["containers"][0]["args"][:2] == ["federate", "--server"]
+    mounts = {m["mountPath"] for m in server["containers"][0]["volumeMounts"]}
+    assert "/etc/cmevlm/kits/flare.consortium.example/startup" in mounts and not any("admin@" in m for m in mounts)
+    submit = by[("Job", "rel-cmevlm-federate")]["spec"]["template"]["spec"]
+    assert submit["containers"][0]["args"][:2] == ["federate", "--submit"]
+    assert {m["mountPath"] for m in submit["containers"][0]["volumeMounts"]} >= {"/etc/cmevlm/kits/admin@cmevlm.local/startup"}
+    assert [v["secret"]["secretName"] for v in server["volumes"] if "secret" in v] == ["cmevlm-kit-flare-consortium-example"]
+    assert by[("Service", "rel-cmevlm-coordinator")]["spec"]["ports"][0]["port"] == 18002
+    policies = [{**d, "metadata": {**d["metadata"], "namespace": "ml"}} for d in coord if d["kind"] == "NetworkPolicy"]
+    server_pod = Pod("ml", by[("Deployment", "rel-cmevlm-coordinator")]["spec"]["template"]["metadata"]["labels"])
+    submitter = Pod("ml", by[("Job", "rel-cmevlm-federate")]["spec"]["template"]["metadata"]["labels"])
+    assert allowed(policies, submitter, server_pod, 18002) and not allowed(policies, Pod("ml", {"app": "other"}), server_pod, 18002)
+    assert not allowed(policies, submitter, server_pod, 22)
+    site = render(CHART / "ci" / "07-federation-site-values.yaml", tmp_path)
+    pod = next(d for d in site if d["kind"] == "Deployment")["spec"]["template"]
+    assert pod["spec"]["containers"][0]["args"][0] == "site"
+    assert [v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v] == ["cmevlm-kit-site-b"]
+    labels = pod["metadata"]["labels"]
+    egress_cidrs = set()
+    for d in site:  # every egress policy that selects the site pod
+        spec = d["spec"] if d["kind"] == "NetworkPolicy" else {}
+        sel = (spec.get("podSelector") or {}).get("matchLabels", {})
+        if "Egress" in spec.get("policyTypes", []) and all(labels.get(k) == v for k, v in sel.items()):
+            egress_cidrs |= {t["ipBlock"]["cidr"] for r in spec["egress"] for t in r.get("to", []) if "ipBlock" in t}
+    assert egress_cidrs == {"203.0.113.10/32", "10.96.0.10/32", "192.0.2.10/32", "142.250.0.0/15"}  # coordinator, DNS, store, teacher

@@ -47,6 +47,17 @@ DRAW_ORDER = ("preparation_plane", "pancreas", "duodenum", "inferior_mesenteric_
 
 
 @dataclass(frozen=True)
+class SiteStyle:
+    """What one hospital's frames look like (the consortium demo's sites differ): which sides
+    it operates on, which structures its frames show, the colour of its instruments."""
+
+    site: str
+    lateralities: tuple[str, ...] = LATERALITIES
+    structures: tuple[str, ...] = STRUCTURE_NAMES
+    instrument_rgb: tuple[int, int, int] = (150, 155, 165)
+
+
+@dataclass(frozen=True)
 class Procedure:
     procedure_id: str
     site: str
@@ -150,7 +161,7 @@ def _structure_layer(rng: np.random.Generator, name: str, centre: tuple[float, f
     return tex, np.asarray(mask_img) > 127
 
 
-def _instrument(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _instrument(rng: np.random.Generator, rgb: tuple[int, int, int] = (150, 155, 165)) -> tuple[np.ndarray, np.ndarray]:
     """A grey metallic instrument shaft entering from the lower-left corner (the dissection
     side of a left CME): ((H, W, 3) colour, (H, W) bool footprint)."""
     layer = Image.new("L", (FRAME_W, FRAME_H), 0)
@@ -159,7 +170,7 @@ def _instrument(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     m = np.asarray(layer) > 127
     yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W]
     stripe = 0.5 + 0.5 * np.cos((xx + yy) * 0.35)[..., None]  # the shaft's cylindrical sheen
-    return np.array([150, 155, 165], np.float32) * (0.8 + 0.4 * stripe), m
+    return np.array(rgb, np.float32) * (0.8 + 0.4 * stripe), m
 
 
 def _speculars(rng: np.random.Generator) -> np.ndarray:
@@ -179,7 +190,8 @@ def _vignette() -> np.ndarray:
     return np.clip(1.25 - 0.55 * r**2, 0.15, 1.0)[..., None].astype(np.float32)
 
 
-def render_frame(rng: np.random.Generator, structures: list[str], laterality: str, tint: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def render_frame(rng: np.random.Generator, structures: list[str], laterality: str, tint: np.ndarray,
+                 instrument_rgb: tuple[int, int, int] = (150, 155, 165)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One frame (H, W, 3) uint8 and a bool mask per structure; mirrored for a right CME."""
     img = _tissue(rng, tint)
     colon, a = _colon_bulge(rng)
@@ -193,7 +205,7 @@ def render_frame(rng: np.random.Generator, structures: list[str], laterality: st
         for other in masks.values():  # a later structure occludes earlier ones
             other &= ~m
         masks[name] = m
-    tool, tm = _instrument(rng)
+    tool, tm = _instrument(rng, instrument_rgb)
     img[tm] = tool[tm]
     for m in masks.values():  # the instrument occludes what lies under it
         m &= ~tm
@@ -219,13 +231,13 @@ def plan_procedures(n: int, sites: int, seed: int) -> list[Procedure]:
     ]
 
 
-def plan_frame_structures(rng: np.random.Generator, n_frames: int) -> list[list[str]]:
-    """1-3 structures per frame; the first frames of each procedure cycle through all five."""
+def plan_frame_structures(rng: np.random.Generator, n_frames: int, names: tuple[str, ...] = STRUCTURE_NAMES) -> list[list[str]]:
+    """1-3 structures per frame (of `names`); the first frames of each procedure cycle through them."""
     plans = []
     for i in range(n_frames):
-        k = int(rng.integers(1, 4))
-        first = STRUCTURE_NAMES[i % len(STRUCTURE_NAMES)]
-        others = [s for s in STRUCTURE_NAMES if s != first]
+        k = min(int(rng.integers(1, 4)), len(names))
+        first = names[i % len(names)]
+        others = [s for s in names if s != first]
         plans.append([first, *rng.choice(others, size=k - 1, replace=False).tolist()])
     return plans
 
@@ -240,11 +252,21 @@ def _png(arr: np.ndarray) -> bytes:
 # The command
 
 
-def write_dataset(out: str | Path, procedures: int = 12, frames_per_procedure: int = 30, sites: int = 2, seed: int = 0, progress=None) -> dict:
-    """Write a synthetic CME dataset to `out`; returns counts. Same seed, same bytes."""
+def styled(procs: list[Procedure], style: SiteStyle) -> list[Procedure]:
+    """The procedures moved to one site, their sides cycling through the site's own."""
+    return [Procedure(p.procedure_id, style.site, style.lateralities[i % len(style.lateralities)], p.phase) for i, p in enumerate(procs)]
+
+
+def write_dataset(out: str | Path, procedures: int = 12, frames_per_procedure: int = 30, sites: int = 2, seed: int = 0, progress=None,
+                  style: SiteStyle | None = None) -> dict:
+    """Write a synthetic CME dataset to `out`; returns counts. Same seed, same bytes. With
+    `style`, every procedure is that site's, with its sides, structures and instruments."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     procs = plan_procedures(procedures, sites, seed)
+    style = style or SiteStyle(site="")
+    if style.site:
+        procs = styled(procs, style)
     with open(out / "procedures.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["procedure_id", "site", "laterality", "phase"])
@@ -254,9 +276,9 @@ def write_dataset(out: str | Path, procedures: int = 12, frames_per_procedure: i
     for pi, p in enumerate(procs):
         rng = np.random.default_rng([seed, 1, pi])
         tint = rng.normal(0, 10, 3).astype(np.float32)  # per-procedure lighting / patient
-        for fi, structures in enumerate(plan_frame_structures(rng, frames_per_procedure)):
+        for fi, structures in enumerate(plan_frame_structures(rng, frames_per_procedure, style.structures)):
             frame_id = f"frame_{fi:04d}"
-            frame, masks = render_frame(rng, structures, p.laterality, tint)
+            frame, masks = render_frame(rng, structures, p.laterality, tint, style.instrument_rgb)
             fdir = out / p.procedure_id / "frames"
             mdir = out / p.procedure_id / "masks" / frame_id
             fdir.mkdir(parents=True, exist_ok=True)

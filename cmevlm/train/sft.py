@@ -56,7 +56,9 @@ def local_round(cfg: RunConfig, init: str, name: str) -> tuple[bytes, dict]:
             trained = f.read()
         with open(f"{d}/{common.FINAL_MARKER}") as f:
             final = json.load(f)
-    return trained, final
+        with open(f"{d}/metrics.jsonl") as f:
+            losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return trained, {**final, "loss": losses[-1] if losses else None}
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:

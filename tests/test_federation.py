@@ -1,0 +1,142 @@
+"""Federation on NVIDIA FLARE: a coordinator and two sites as separate processes over gRPC with
+mutual TLS, one round of LoRA SFT on each site's own data through Ray Train, then the
+distribution round. What the sites sent is read back from their own copies of the messages."""
+
+import hashlib
+import json
+import shutil
+
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmevlm.config import load_config
+from cmevlm.federation import coordinator, demo, kits, report, scan
+from cmevlm.model.loading import load_model
+from cmevlm.storage import Storage
+from conftest import free_port
+
+SITES = ["site-a", "site-b"]
+
+
+def _cfg(workdir, base, synth_dir, fed: dict, site: str | None, *extra):
+    fed = {"sites": SITES, "rounds": 1, "local_steps": 2, "capture_messages": True, **fed, "site": site}
+    return load_config(overrides=[f"workdir={workdir}", f"model.base={base}", f"sources=[{{uri: '{synth_dir}', site: {site or 'x'}}}]",
+                                  "data.image_size=56", "sft.num_workers=1", "sft.zero_stage=0", "sft.per_device_batch_size=2",
+                                  "sft.effective_batch_size=2", "sft.lr=1e-2", "sft.lora={r: 4, alpha: 8, dropout: 0.0}", "ray.num_cpus=1",
+                                  "evaluate.limit=8", f"federation={json.dumps(fed)}", *extra])
+
+
+@pytest.fixture(scope="module")
+def consortium(taught, tmp_path_factory, tiny_model_dir, synth_dir):
+    root = tmp_path_factory.mktemp("consortium")
+    fed = {"kits": str(root / "kits"), "port": free_port()}
+    sites = []
+    for i, name in enumerate(SITES):
+        work = root / name
+        for sub in ("frames", "sft"):
+            shutil.copytree(taught / sub, work / sub)
+        if i == 1:  # site-b holds half the examples: FedAvg must weight it half
+            st = Storage()
+            rows = st.read_parquet(str(work / "sft/train"))
+            shutil.rmtree(work / "sft/train")
+            st.write_parquet(str(work / "sft/train/part-00000.parquet"), rows.slice(0, rows.num_rows // 2))
+            st.write_manifest(str(work / "sft"), stage="teach")
+        sites.append(_cfg(work, tiny_model_dir, synth_dir, fed, name))
+    coord = _cfg(root / "coordinator", tiny_model_dir, synth_dir, fed, None)
+    summary = demo.federate(coord, sites)
+    return coord, sites, summary
+
+
+def _sent(site_cfg) -> list[dict]:
+    """The site's captured messages, deserialized as FLARE does: [{round, params, examples, raw}]."""
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.fuel.utils import fobs
+
+    out = []
+    for f in sorted((__import__("pathlib").Path(site_cfg.workdir) / "federation" / "messages").glob("*.bin")):
+        raw = f.read_bytes()
+        dxo = from_shareable(fobs.loads(raw))
+        out.append({"params": {k: torch.as_tensor(v) for k, v in dxo.data.items()}, "meta": dxo.meta, "raw": raw})
+    return out
+
+
+def test_fedavg_weights_each_sites_tensors_by_its_examples(consortium):
+    coord, sites, summary = consortium
+    train_rounds = {s.federation.site: _sent(s)[0] for s in sites}  # round 0 is the training round
+    n = {site: m["meta"]["NUM_STEPS_CURRENT_ROUND"] for site, m in train_rounds.items()}
+    rows = {s.federation.site: Storage().read_parquet(f"{s.workdir}/sft/train").num_rows for s in sites}
+    assert n == rows and rows["site-b"] < rows["site-a"]
+    expected = {k: sum(n[s] * train_rounds[s]["params"][k] for s in n) / sum(n.values()) for k in train_rounds["site-a"]["params"]}
+    final = load_file(f"{coord.workdir}/federation/coordinator/global.safetensors")
+    assert set(final) == set(expected) and all("lora_" in k for k in final)  # only the adapter travels
+    for k, v in expected.items():
+        torch.testing.assert_close(final[k], v.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(train_rounds["site-a"]["params"][k], train_rounds["site-b"]["params"][k])  # they did train apart
+
+
+def test_every_site_keeps_and_scores_the_consortium_model_and_so_does_the_coordinator(consortium):
+    coord, sites, summary = consortium
+    assert summary["engine"] == "nvflare"
+    scores = report.federated_scores(summary["rounds"])
+    assert set(scores) == set(SITES) and all(v["n"] == 8 for v in scores.values())
+    for s in [*sites, coord]:
+        out = f"{s.workdir}/models/federated"
+        assert Storage().read_manifest(out)["trainable"] == "lora"
+        assert json.loads(open(f"{out}/adapter_config.json").read())["base_model_name_or_path"] == str(coord.model.base)
+        load_model(out)  # base + the consortium's adapter
+    rounds = {(r["round"], r["site"]) for r in summary["rounds"]}
+    assert rounds == {(r, s) for r in (0, 1) for s in SITES}
+
+
+def test_each_message_is_audited_before_it_leaves_and_holds_no_image_bytes(consortium):
+    coord, sites, summary = consortium
+    for s in sites:
+        sent = _sent(s)
+        audit = [json.loads(x) for x in open(f"{s.workdir}/federation/audit.jsonl")]
+        assert len(sent) == 2 and len(audit) == 2  # the training round and the distribution round
+        assert all(a["event"] == "sent" and a["kind"] == "parameters" and a["site"] == s.federation.site for a in audit)
+        assert sorted(a["sha256"] for a in audit) == sorted(hashlib.sha256(m["raw"]).hexdigest() for m in sent)
+        assert all(a["bytes"] == len(m["raw"]) for a, m in zip(sorted(audit, key=lambda a: a["sha256"]),
+                                                                sorted(sent, key=lambda m: hashlib.sha256(m["raw"]).hexdigest())))
+        images = scan.site_images(s)
+        result = scan.scan([m["raw"] for m in sent], images)
+        assert result["images"] > 50 and result["probes"] > 50 and result["image_bytes_found"] == 0
+        # The scan does find an image that is in a message: encoded, or as raw pixels.
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        leak = sent[0]["raw"] + images[3]
+        pixels = sent[0]["raw"] + np.asarray(Image.open(io.BytesIO(images[5]))).tobytes()
+        assert scan.scan([leak], images)["image_bytes_found"] >= 1 and scan.scan([pixels], images)["image_bytes_found"] >= 1
+
+
+def test_dp_puts_flares_svt_filter_before_the_audit(tmp_path, tiny_model_dir, synth_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, synth_dir, {"kits": str(tmp_path / "kits"), "dp": {"fraction": 0.5}}, None)
+    recipe = coordinator.build_recipe(cfg, str(tmp_path / "initial.safetensors"))
+    recipe.export(job_dir=str(tmp_path / "job"))
+    client = json.loads(next((tmp_path / "job").rglob("config_fed_client.json")).read_text())
+    paths = [f["path"] for chain in client["task_result_filters"] for f in chain["filters"]]
+    assert paths == ["nvflare.app_common.filters.svt_privacy.SVTPrivacy", "cmevlm.federation.filters.SiteAudit"]
+    svt = client["task_result_filters"][0]["filters"][0]["args"]
+    assert svt["fraction"] == 0.5
+    server = json.loads(next((tmp_path / "job").rglob("config_fed_server.json")).read_text())
+    assert "DIFF" in json.dumps(client) or "diff" in json.dumps(client).lower()  # DP clips and noises the round's update
+    assert "cmevlm.federation.state.TrainableState" in json.dumps(server)
+
+
+def test_provisioned_kits_are_mutual_tls_and_become_secrets(tmp_path, tiny_model_dir, synth_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, synth_dir, {"kits": str(tmp_path / "kits"), "sites": ["site_a", "site-b"]}, None)
+    out = kits.provision(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["admin@cmevlm.local", "localhost", "site-b", "site_a"]
+    client = json.loads((out / "site_a" / "startup" / "fed_client.json").read_text())
+    assert client["client"]["connection_security"] == "mtls" and client["servers"][0]["service"]["scheme"] == "grpc"
+    assert (out / "site_a" / "startup" / "client.key").exists() and (out / "localhost" / "startup" / "server.key").exists()
+    secret = kits.secret_manifest(out / "site_a", "cmevlm-kit-site-a")
+    assert secret["kind"] == "Secret" and {"client.crt", "client.key", "rootCA.pem", "fed_client.json"} <= set(secret["data"])
+    before = (out / "site_a" / "startup" / "client.key").read_bytes()
+    kits.provision(cfg)  # existing kits are kept, never re-issued
+    assert (out / "site_a" / "startup" / "client.key").read_bytes() == before
