@@ -42,6 +42,7 @@ def sites(root: Path, rounds: int, steps: int, dp: bool):
     cfgs = [absolute_paths(demo.site_config(cfg, root, s)) for s in demo.SITES[:2]]
     coord = absolute_paths(demo.coordinator_config(cfg, root))
     for c in [*cfgs, coord]:
+        c.model.base = str(root / "models" / "base")  # the random tiny base: the timing does not need the demo's pretraining
         c.federation.sites = [s.federation.site for s in cfgs]
         c.federation.dp = DPSettings() if dp else None
     return cfg, cfgs, coord
@@ -78,6 +79,7 @@ def round_times(rounds: list[dict]) -> list[float]:
 def message_bytes(cfg, trainable: str) -> tuple[int, int]:
     """(serialized bytes of one site's message, values) for the tiny model."""
     from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.app_common.decomposers import common_decomposers
     from nvflare.fuel.utils import fobs
 
     from cmevlm.federation.state import initial_state, to_numpy
@@ -85,6 +87,7 @@ def message_bytes(cfg, trainable: str) -> tuple[int, int]:
     c = cfg.model_copy(deep=True)
     c.federation.trainable = trainable
     state = to_numpy(initial_state(c))
+    common_decomposers.register()
     return len(fobs.dumps(DXO(DataKind.WEIGHTS, data=state).to_shareable())), sum(v.size for v in state.values())
 
 
@@ -96,15 +99,27 @@ def seven_b_values() -> tuple[int, int]:
     return plan.lora_params(config, LoraSettings(), "sft"), shape.params["merger"] + shape.params["lm"]
 
 
+def print_bytes(c) -> None:
+    for trainable in ("lora", "full"):
+        b, n = message_bytes(c, trainable)
+        print(f"tiny model, {trainable} (freeze policy {c.sft.freeze or 'sft'}): {n:,} values, {b:,} bytes per site per round ({b / (4 * n):.3f} x 4 bytes a value)")
+    lora, full = seven_b_values()
+    print(f"Qwen2.5-VL-7B: LoRA r=16 {lora:,} values = {4 * lora / 2**20:,.0f} MiB vs merger + LM {full:,} = "
+          f"{4 * full / 2**30:,.1f} GiB per site per round ({full / lora:,.0f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=20)
     ap.add_argument("--dp", action="store_true", help="also a run with the SVT privacy filter")
+    ap.add_argument("--bytes-only", action="store_true", help="only the bytes per round (no training)")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="cmevlm-bench-federate-"))
     build_tiny_model(root / "models/base", seed=0, max_pixels=168 * 168)
     cfg, cfgs, coord = sites(root, a.rounds, a.local_steps, dp=False)
+    if a.bytes_only:
+        return print_bytes(cfgs[0])
     demo.prepare_sites(cfgs, 0)
     base = baseline(cfgs[0], a.local_steps)
     fed = demo.federate(coord, cfgs)
@@ -113,12 +128,7 @@ def main() -> None:
     print(f"local_round alone ({a.local_steps} steps, Ray Train, no FLARE): {', '.join(f'{t:.1f}' for t in base)} s")
     print(f"federated round (2 sites in parallel on this machine): {', '.join(f'{t:.1f}' for t in per_round)} s")
     print(f"round time / local steps alone: {ratio:.2f}  (target <= 1.30)")
-    for trainable in ("lora", "full"):
-        b, n = message_bytes(cfgs[0], trainable)
-        print(f"tiny model, {trainable}: {n:,} values, {b:,} bytes per site per round ({b / (4 * n):.3f} x 4 bytes a value)")
-    lora, full = seven_b_values()
-    print(f"Qwen2.5-VL-7B: LoRA r=16 {lora:,} values = {4 * lora / 2**20:,.0f} MiB vs merger + LM {full:,} = "
-          f"{4 * full / 2**30:,.1f} GiB per site per round ({full / lora:,.0f}x)")
+    print_bytes(cfgs[0])
     if a.dp:
         root2 = Path(tempfile.mkdtemp(prefix="cmevlm-bench-federate-dp-"))
         (root2 / "models").symlink_to(root / "models")

@@ -140,3 +140,46 @@ def test_provisioned_kits_are_mutual_tls_and_become_secrets(tmp_path, tiny_model
     before = (out / "site_a" / "startup" / "client.key").read_bytes()
     kits.provision(cfg)  # existing kits are kept, never re-issued
     assert (out / "site_a" / "startup" / "client.key").read_bytes() == before
+
+
+def test_the_coordinator_refuses_updates_that_do_not_fit_or_are_not_finite(tmp_path, monkeypatch):
+    import numpy as np
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.fl_context import FLContext
+    from safetensors.torch import save_file
+
+    from cmevlm.federation.filters import ROUND_LOG_ENV, RoundLog
+
+    save_file({"a.lora_A.weight": torch.zeros(4, 8), "a.lora_B.weight": torch.zeros(8, 4)}, str(tmp_path / "init.safetensors"))
+    monkeypatch.setenv(ROUND_LOG_ENV, str(tmp_path / "rounds.jsonl"))
+    gate = RoundLog(str(tmp_path / "init.safetensors"))
+    good = {"a.lora_A.weight": np.ones((4, 8), np.float32), "a.lora_B.weight": np.ones((8, 4), np.float32)}
+    bad = {"nan": {**good, "a.lora_B.weight": np.full((8, 4), np.nan, np.float32)},
+           "shape": {**good, "a.lora_A.weight": np.ones((4, 9), np.float32)},
+           "names": {"a.lora_A.weight": good["a.lora_A.weight"]},
+           "ints": {**good, "a.lora_A.weight": np.ones((4, 8), np.int64)}}
+    ok = DXO(DataKind.WEIGHTS, data=good).to_shareable()
+    assert gate.process(ok, FLContext()) is ok
+    for name, data in bad.items():
+        out = gate.process(DXO(DataKind.WEIGHTS, data=data).to_shareable(), FLContext())
+        assert out.get_return_code() == ReturnCode.BAD_TASK_DATA, name
+    from nvflare.apis.shareable import Shareable
+
+    assert gate.process(Shareable(), FLContext()).get_return_code() == ReturnCode.BAD_TASK_DATA  # not a model update
+    log = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [("rejected" in r) for r in log] == [False, True, True, True, True, True]
+    assert "non-finite" in log[1]["rejected"] and "shape" in log[2]["rejected"] and "names differ" in log[3]["rejected"]
+
+
+def test_federate_provision_writes_kits_and_secret_manifests(tmp_path):
+    from cmevlm.cli import main
+
+    assert main(["federate", "--provision", "--secrets", str(tmp_path / "secrets"), "--set", f"workdir={tmp_path}",
+                 "--set", "federation.sites=[site_a, site_b]"]) == 0
+    secrets = sorted(p.name for p in (tmp_path / "secrets").iterdir())
+    assert secrets == ["cmevlm-kit-admin-at-cmevlm-local.yaml", "cmevlm-kit-localhost.yaml", "cmevlm-kit-site-a.yaml", "cmevlm-kit-site-b.yaml"]
+    import yaml
+
+    doc = yaml.safe_load((tmp_path / "secrets" / "cmevlm-kit-site-a.yaml").read_text())
+    assert doc["kind"] == "Secret" and "client.key" in doc["data"]

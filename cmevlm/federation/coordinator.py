@@ -59,7 +59,7 @@ def build_recipe(cfg: RunConfig, initial: str):
         recipe.add_client_output_filter(SVTPrivacy(fraction=d.fraction, epsilon=d.epsilon, noise_var=d.noise_var, gamma=d.gamma, tau=d.tau),
                                         tasks=[TASK])
     recipe.add_client_output_filter(filters.SiteAudit(), tasks=[TASK])
-    recipe.add_server_input_filter(filters.RoundLog(), tasks=[TASK])
+    recipe.add_server_input_filter(filters.RoundLog(initial, cfg.storage.endpoint, cfg.storage.region), tasks=[TASK])
     return recipe
 
 
@@ -135,7 +135,11 @@ def submit(cfg: RunConfig, initial: str) -> dict:
     (work / "rounds.jsonl").unlink(missing_ok=True)
     admin_kit = kits.require_kit(kits.kits_dir(cfg) / kits.admin_name(cfg), "federate (admin)")
     t0 = time.time()
-    result = submit_and_wait(cfg, build_recipe(cfg, initial), admin_kit)
+    try:
+        result = submit_and_wait(cfg, build_recipe(cfg, initial), admin_kit)
+    except RuntimeError as e:
+        rejected = [f"{r['site']} round {r['round']}: {r['rejected']}" for r in rounds(work / "rounds.jsonl") if r.get("rejected")]
+        raise RuntimeError(f"{e}" + (f"; updates refused: {'; '.join(rejected)}" if rejected else "")) from e
     state = global_state(result)
     save_file({k: v.contiguous() for k, v in state.items()}, str(work / "global.safetensors"))
     manifest = save_model(cfg, state, join(cfg.workdir, "models", "federated"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import time
 
 from nvflare.apis.filter import Filter
@@ -29,7 +30,9 @@ ROUND_LOG_ENV = "CMEVLM_ROUND_LOG"
 def message_facts(shareable: Shareable, fl_ctx: FLContext) -> tuple[bytes, dict]:
     """(the serialized message, its facts: bytes, sha256, tensors, values, round, examples)."""
     from nvflare.apis.dxo import from_shareable
+    from nvflare.app_common.decomposers import common_decomposers
 
+    common_decomposers.register()  # numpy and the like, as FLARE's own processes have them (idempotent)
     raw = fobs.dumps(shareable)
     rnd = shareable.get_header(AppConstants.CURRENT_ROUND)
     rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND) if rnd is None else rnd
@@ -60,21 +63,70 @@ class SiteAudit(Filter):
         return shareable
 
 
+def expected_shapes(uri: str, endpoint: str | None = None, region: str | None = None) -> dict[str, tuple]:
+    """{name: shape} of the initial trainable tensors (the safetensors header, in the run's storage)."""
+    from cmevlm.config import StorageConfig
+    from cmevlm.storage import Storage
+
+    raw = Storage(StorageConfig(endpoint=endpoint, region=region)).read_bytes(uri)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def check_update(data: dict, expected: dict[str, tuple]) -> str | None:
+    """Why a site's tensors cannot be averaged (names, shapes, non-finite values), or None."""
+    import numpy as np
+
+    if set(data) != set(expected):
+        missing, extra = sorted(set(expected) - set(data)), sorted(set(data) - set(expected))
+        return f"tensor names differ: {len(missing)} missing {missing[:2]}, {len(extra)} unexpected {extra[:2]}"
+    for k, v in data.items():
+        a = np.asarray(v)
+        if a.shape != expected[k]:
+            return f"{k}: shape {list(a.shape)} != {list(expected[k])}"
+        if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+            return f"{k}: {'non-float' if not np.issubdtype(a.dtype, np.floating) else 'non-finite'} values"
+    return None
+
+
 class RoundLog(Filter):
+    """The coordinator's gate and log of what arrives: a result whose tensors do not fit the
+    initial ones (names, shapes) or hold NaN / inf is refused (FedAvg then leaves it out of the
+    round, the others are averaged) and logged as rejected with the reason; every result is
+    logged with its size, example count and metrics."""
+
+    def __init__(self, initial: str = "", endpoint: str | None = None, region: str | None = None):
+        super().__init__()
+        self.initial, self.endpoint, self.region = initial, endpoint, region
+        self._expected = None
+
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        from nvflare.apis.dxo import from_shareable
+        from nvflare.apis.fl_constant import ReturnCode
+        from nvflare.apis.shareable import make_reply
+
+        _, facts = message_facts(shareable, fl_ctx)
+        peer = fl_ctx.get_peer_context()
+        facts["site"] = peer.get_identity_name() if peer else None
+        try:
+            dxo = from_shareable(shareable)
+            facts["metrics"] = (dxo.meta or {}).get("initial_metrics") or {}
+            if self.initial and self._expected is None:
+                self._expected = expected_shapes(self.initial, self.endpoint, self.region)
+            reason = check_update(dxo.data or {}, self._expected) if self._expected else None
+        except Exception as e:  # not a DXO: nothing to average
+            facts["metrics"], reason = {}, f"not a model update: {type(e).__name__}"
+        if reason:
+            facts["rejected"] = reason
+        self._log(facts)
+        return make_reply(ReturnCode.BAD_TASK_DATA) if reason else shareable
+
+    @staticmethod
+    def _log(facts: dict) -> None:
         path = os.environ.get(ROUND_LOG_ENV)
         if path:
-            _, facts = message_facts(shareable, fl_ctx)
-            peer = fl_ctx.get_peer_context()
-            site = peer.get_identity_name() if peer else None
-            from nvflare.apis.dxo import from_shareable
-
-            try:
-                metrics = (from_shareable(shareable).meta or {}).get("initial_metrics") or {}
-            except Exception:
-                metrics = {}
             with open(path, "a") as f:
-                f.write(json.dumps({"site": site, "time": time.time(), "metrics": metrics, **facts}, default=str) + "\n")
+                f.write(json.dumps({"time": time.time(), **facts}, default=str) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-        return shareable
