@@ -256,12 +256,13 @@ def _finish(cfg: RunConfig, stage: str, on_gpu: bool, workers: int, gpu: dict, h
     return StagePlan(stage, pool, workers, parts, {k: round(v / GiB, 2) for k, v in host.items()}, cfg.plan.pools[pool])
 
 
-def export_plan(cfg: RunConfig, s: Shape) -> dict:
+def export_plan(cfg: RunConfig, s: Shape | None = None) -> dict:
     """The export task's host memory: constant, whatever the model (it streams), except a
     LoRA export that also writes the merged model: that loads the model in the export dtype."""
     need = EXPORT_PROCESS_GIB + 2 * 64 / 1024
     merging = any(t.lora is not None and t.lora.merge for t in (cfg.sft, cfg.dpo))
     if merging:
+        s = s or model_shape(read_model_config(cfg))
         need = EXPORT_PROCESS_GIB + s.total * (4 if cfg.model.export_dtype == "float32" else 2) / 2**30
     return {"need_gib": round(need, 2), "request_gib": cfg.model.export_memory_gb, "fits": need <= cfg.model.export_memory_gb,
             "merges_lora": merging}
