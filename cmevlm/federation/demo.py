@@ -39,7 +39,7 @@ SITES = (
 # a and b within the 15 minutes, whatever the rounds, steps and learning rate tried.
 PUBLIC = SiteStyle("public")
 PROCEDURES, FRAMES, PUBLIC_PROCEDURES = 12, 16, 24
-PRETRAIN = {"per_device_batch_size": 32, "effective_batch_size": 32, "lr": 3e-3, "max_steps": 300}
+PRETRAIN = {"per_device_batch_size": 32, "effective_batch_size": 32, "lr": 3e-3, "max_steps": 420}
 # The tiny base cannot learn through a LoRA adapter alone (random weights under it), so the
 # demo trains and averages every component (sft.freeze=none, federation.trainable=full); a
 # real pretrained base uses the default LoRA.

@@ -1,7 +1,8 @@
 """The consortium job's client script: what a site does in each round (NVIDIA FLARE Client API).
 
-FLARE runs this inside the site's own process (`cmevlm site`), which holds the site's run config
-(CMEVLM_SITE_CONFIG): its workdir, its data, its Ray cluster. Each round it receives the global
+The site's FLARE client (started by `cmevlm site`) launches it as a process of its own (through
+a two-line launcher the job carries), with the site's run config in CMEVLM_SITE_CONFIG: its
+workdir, its data, its Ray cluster. In-process, torch's import raced FLARE's own threads. Each round it receives the global
 trainable tensors, trains `federation.local_steps` of SFT on its own `sft/train` through the
 same Ray Train stage as `cmevlm sft` (cmevlm.train.sft.local_round), and sends back only the
 trained tensors, their example count (FedAvg's weight) and its training loss. In the last

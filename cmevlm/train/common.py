@@ -106,10 +106,15 @@ def effective_values(t: _Training) -> dict:
 
 
 def load_dataset(storage: Storage, uri: str, image_columns=("images",)):
-    """Parquet rows in TRL's format -> a `datasets.Dataset` whose images decode to PIL."""
+    """Parquet rows in TRL's format -> a `datasets.Dataset` whose images decode to PIL, in
+    item_id order: Ray Data writes its shards in whatever order its actors finish, and the
+    same seed must see the same batches (measured: two runs of the consortium demo's public
+    pretraining on the same data in two orders reached 0.97 and 0.38 held-out accuracy)."""
     import datasets
 
     table = storage.read_parquet(uri)
+    if "item_id" in table.column_names:
+        table = table.sort_by("item_id")
     ds = datasets.Dataset(table)
     for c in image_columns:
         ds = ds.cast_column(c, datasets.List(datasets.Image()))
