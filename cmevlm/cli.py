@@ -274,11 +274,11 @@ def cmd_federate(args) -> int:
             print(f"Kubernetes Secrets: {kits.write_secrets(cfg, args.secrets)}")
         return 0
     if args.server:  # the coordinator's Deployment: FLARE's server in the foreground
-        server = coordinator.serve(cfg, coordinator.prepare(cfg)[0])
+        server = coordinator.serve(cfg, coordinator.server_kit(cfg))  # no model loaded: the server only needs its kit
         print(f"federation server listening on {cfg.federation.server_host}:{cfg.federation.port} (mutual TLS)", flush=True)
         return server.wait()
     if args.submit:  # one job to a running server (a Kubernetes Job, or an admin's machine)
-        summary = coordinator.submit(cfg, coordinator.prepare(cfg)[1])
+        summary = coordinator.submit(cfg, coordinator.write_initial(cfg))
     else:
         summary = coordinator.run(cfg)
     print(f"federate: {len({r['round'] for r in summary['rounds']})} rounds in {summary['seconds']:.0f} s; "

@@ -95,32 +95,36 @@ def rounds(round_log: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r.get("round") or 0, r.get("site") or ""))
 
 
-def prepare(cfg: RunConfig) -> tuple[Path, str]:
-    """Kits (provisioned only when the kits folder does not exist: mounted Secrets are never
-    overwritten) and the initial trainable tensors in the run's storage, where the server
-    reads them wherever it runs; returns (server kit, the tensors' URI)."""
-    from safetensors.torch import save
-
-    from cmevlm.federation.state import initial_state
-
+def server_kit(cfg: RunConfig) -> Path:
+    """The coordinator's kit (provisioned only when the kits folder does not exist: mounted
+    Secrets are never overwritten)."""
     f = cfg.federation
     if not f.sites:
         raise ConfigError("federation.sites is empty: name every site of the consortium")
     if not f.kit and not kits.kits_dir(cfg).exists():
         kits.provision(cfg)
-    server_kit = kits.require_kit(kits.kit_of(cfg, f.server_host), "federate")
+    return kits.require_kit(kits.kit_of(cfg, f.server_host), "federate")
+
+
+def write_initial(cfg: RunConfig) -> str:
+    """The initial trainable tensors in the run's storage, where the server reads them
+    wherever it runs; returns their URI. Loads the base model: only the submitter needs it."""
+    from safetensors.torch import save
+
+    from cmevlm.federation.state import initial_state
+
     initial = join(cfg.workdir, "federation", "initial.safetensors")
     Storage(cfg.storage).write_bytes(initial, save(initial_state(cfg)))
-    return server_kit, initial
+    return initial
 
 
-def serve(cfg: RunConfig, server_kit: Path):
+def serve(cfg: RunConfig, kit: Path):
     """FLARE's server from its kit, listening; returns the process."""
     from cmevlm.federation.filters import ROUND_LOG_ENV
 
     work = local_dir(cfg, "coordinator")
     os.environ[ROUND_LOG_ENV] = str(work / "rounds.jsonl")  # the server process and its jobs inherit it
-    server = processes.start_server(server_kit, work / "server", kits.ADMIN_ORG, work / "server.log")
+    server = processes.start_server(kit, work / "server", kits.ADMIN_ORG, work / "server.log")
     processes.wait_port(cfg.federation.server_host, cfg.federation.port, server)
     return server
 
@@ -150,8 +154,9 @@ def submit(cfg: RunConfig, initial: str) -> dict:
 
 def run(cfg: RunConfig) -> dict:
     """The whole coordinator in one process: serve, submit one job, wait, stop."""
-    server_kit, initial = prepare(cfg)
-    server = serve(cfg, server_kit)
+    kit = server_kit(cfg)
+    initial = write_initial(cfg)
+    server = serve(cfg, kit)
     try:
         return submit(cfg, initial)
     finally:

@@ -4,9 +4,9 @@
 serializes the message exactly as FLARE does (fobs) and writes a `sent` record to the site's
 audit (<site workdir>/federation/audit.jsonl: kind = parameters, round, bytes, sha256, tensor
 count), fsynced, before FLARE sends it; with `federation.capture_messages` it also keeps the
-bytes (federation/messages/) for the no-image scan. `RoundLog` is the coordinator's: every
-result that arrives, by site and round, with its size, example count and metrics, in the file
-CMEVLM_ROUND_LOG names.
+bytes (federation/messages/) for the no-image scan. `RoundLog` is the coordinator's gate and log:
+every result that arrives, by site and round, with its size, example count and metrics, in the
+file CMEVLM_ROUND_LOG names; one that does not fit the initial tensors is refused.
 """
 
 from __future__ import annotations
