@@ -180,15 +180,35 @@ def train_and_report(trainer, t: _Training, what: str, counts: dict, scratch: st
     trainer = prepare_trainer(trainer)
     if ray.train.get_context().get_world_rank() == 0:
         log.info("%s: %d rows, trainable parameters %s", what, len(trainer.train_dataset), json.dumps(counts))
-    trainer.train(resume_from_checkpoint=resume_dir(scratch))
-    if keep_trainable and ray.train.get_context().get_world_rank() == 0:
-        from safetensors.torch import save_file
+    try:
+        trainer.train(resume_from_checkpoint=resume_dir(scratch))
+        if keep_trainable and ray.train.get_context().get_world_rank() == 0:
+            save_trainable(trainer.model, Path(scratch, "final"))
+        report_final(trainer, metrics.rows, {"parameters": counts, "stage": what}, scratch)
+    finally:  # every checkpoint is in Ray Train's storage once reported: the worker's copy goes
+        shutil.rmtree(scratch, ignore_errors=True)
 
-        from cmevlm.train.lora import trainable_state
 
-        Path(scratch, "final").mkdir(parents=True, exist_ok=True)
-        save_file({k: v.float().contiguous() for k, v in trainable_state(trainer.model).items()}, str(Path(scratch, "final", TRAINABLE)))
-    report_final(trainer, metrics.rows, {"parameters": counts, "stage": what}, scratch)
+def save_trainable(model, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from cmevlm.train.lora import trainable_state
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in trainable_state(model).items()}, str(folder / TRAINABLE))
+
+
+def local_round(cfg: RunConfig, t: _Training, name: str, loop, loop_config: dict) -> tuple[bytes, dict]:
+    """One federated round of a stage (`loop_config["init"]` = the round's global tensors):
+    (the trained tensors as safetensors bytes, the final marker with the round's last loss)."""
+    result = fit(cfg, t, name, loop, loop_config)
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        trained = Path(d, TRAINABLE).read_bytes()
+        final = json.loads(Path(d, FINAL_MARKER).read_text())
+        losses = [r["loss"] for r in map(json.loads, Path(d, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return trained, {**final, "loss": losses[-1] if losses else None}
 
 
 def attach_callbacks(trainer, metrics) -> None:
