@@ -277,12 +277,16 @@ def cmd_federate(args) -> int:
         server = coordinator.serve(cfg, coordinator.server_kit(cfg))  # no model loaded: the server only needs its kit
         print(f"federation server listening on {cfg.federation.server_host}:{cfg.federation.port} (mutual TLS)", flush=True)
         return server.wait()
-    if args.submit:  # one job to a running server (a Kubernetes Job, or an admin's machine)
-        summary = coordinator.submit(cfg, coordinator.write_initial(cfg))
+    from cmevlm.federation.state import OUTPUT
+
+    if args.submit:  # the jobs to a running server (a Kubernetes Job, or an admin's machine)
+        summary = coordinator.submit_all(cfg)
     else:
         summary = coordinator.run(cfg)
-    print(f"federate: {len({r['round'] for r in summary['rounds']})} rounds in {summary['seconds']:.0f} s; "
-          f"consortium model: {cfg.workdir}/models/federated")
+    for phase in summary["phases"]:
+        n = len({r["round"] for r in summary["rounds"] if r["phase"] == phase})
+        print(f"federate {phase}: {n} rounds; consortium model: {cfg.workdir}/{OUTPUT[phase]}")
+    print(f"federate: {summary['seconds']:.0f} s")
     return 0
 
 
@@ -425,17 +429,18 @@ def _service_commands(sub) -> None:
 def _federation_commands(sub) -> None:
     """federate, site: the consortium on NVIDIA FLARE."""
     p = sub.add_parser("federate", help="the consortium's coordinator: FedAvg rounds of the sites' SFT on NVIDIA FLARE",
-                       description="Start NVIDIA FLARE's server from the coordinator's startup kit (gRPC, mutual TLS), submit one "
+                       description="Start NVIDIA FLARE's server from the coordinator's startup kit (gRPC, mutual TLS), submit a "
                        "FedAvg job over federation.sites (federation.rounds rounds of federation.local_steps local SFT steps, "
                        "weighted by example counts, then a distribution round in which each site evaluates and keeps the model), "
-                       "and write <workdir>/models/federated and <workdir>/consortium/federation.json. Kits are provisioned "
+                       "then, with federation.dpo_rounds, a DPO job from that model (each site samples and prefers on its own "
+                       "data first), and write <workdir>/models/federated, models/federated-dpo and consortium/federation.json. Kits are provisioned "
                        "under federation.kits when missing (unless federation.kit points at a mounted one).")
     _config_args(p)
     p.add_argument("--provision", action="store_true", help="only write every participant's startup kit (certificates) and exit")
     p.add_argument("--secrets", metavar="DIR", default=None, help="with --provision: also write one Kubernetes Secret manifest per kit into DIR")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--server", action="store_true", help="only run FLARE's server in the foreground (the chart's coordinator Deployment)")
-    mode.add_argument("--submit", action="store_true", help="only submit one job to a running server with the admin kit, wait, and write the outputs")
+    mode.add_argument("--submit", action="store_true", help="only submit the jobs (SFT, then DPO) to a running server with the admin kit, wait, and write the outputs")
     p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("site", help="one hospital of the consortium: its ingest and teach, then NVIDIA FLARE's client",

@@ -168,8 +168,9 @@ def image_sizes(cfg: RunConfig, s: Shape) -> tuple[int, int]:
     return (side // s.merge) ** 2, side * side
 
 
-def lora_params(config: dict, settings, policy: str) -> int:
-    """Exact adapter parameters: r x (in + out) per adapted Linear, on the meta device."""
+def lora_tensor_sizes(config: dict, settings, policy: str) -> list[int]:
+    """Values of every adapter tensor (A = r x in, B = out x r per adapted Linear), on the
+    meta device: what a federated round sends, tensor by tensor."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -178,7 +179,12 @@ def lora_params(config: dict, settings, policy: str) -> int:
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config))
     modules = dict(model.named_modules())
-    return sum(settings.r * (modules[n].in_features + modules[n].out_features) for n in targets(model, settings.target_modules, policy))
+    return [settings.r * d for n in targets(model, settings.target_modules, policy) for d in (modules[n].in_features, modules[n].out_features)]
+
+
+def lora_params(config: dict, settings, policy: str) -> int:
+    """Exact adapter parameters: r x (in + out) per adapted Linear, on the meta device."""
+    return sum(lora_tensor_sizes(config, settings, policy))
 
 
 def lora_train_memory(t, P: int, L: int, w: int) -> tuple[dict, dict]:

@@ -1,6 +1,8 @@
 """Federation on NVIDIA FLARE: a coordinator and two sites as separate processes over gRPC with
-mutual TLS, one round of LoRA SFT on each site's own data through Ray Train, then the
-distribution round. What the sites sent is read back from their own copies of the messages."""
+mutual TLS, one round of LoRA SFT on each site's own data through Ray Train and the
+distribution round, then the DPO job: each site samples and prefers with the consortium's SFT
+model, one round of LoRA DPO, the distribution round. What the sites sent is read back from
+their own copies of the messages."""
 
 import hashlib
 import json
@@ -21,11 +23,13 @@ SITES = ["site-a", "site-b"]
 
 
 def _cfg(workdir, base, synth_dir, fed: dict, site: str | None, *extra):
-    fed = {"sites": SITES, "rounds": 1, "local_steps": 2, "capture_messages": True, **fed, "site": site}
+    fed = {"sites": SITES, "rounds": 1, "dpo_rounds": 1, "local_steps": 2, "capture_messages": True, **fed, "site": site}
     return load_config(overrides=[f"workdir={workdir}", f"model.base={base}", f"sources=[{{uri: '{synth_dir}', site: {site or 'x'}}}]",
                                   "data.image_size=56", "sft.num_workers=1", "sft.zero_stage=0", "sft.per_device_batch_size=2",
                                   "sft.effective_batch_size=2", "sft.lr=1e-2", "sft.lora={r: 4, alpha: 8, dropout: 0.0}", "ray.num_cpus=1",
-                                  "evaluate.limit=8", f"federation={json.dumps(fed)}", *extra])
+                                  "evaluate.limit=8", "sample.limit=6", "sample.max_new_tokens=12", "dpo.num_workers=1", "dpo.zero_stage=0",
+                                  "dpo.per_device_batch_size=2", "dpo.effective_batch_size=2", "dpo.lr=1e-2", "dpo.lora={r: 4, alpha: 8, dropout: 0.0}",
+                                  f"federation={json.dumps(fed)}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +41,11 @@ def consortium(taught, tmp_path_factory, tiny_model_dir, synth_dir):
         work = root / name
         for sub in ("frames", "sft"):
             shutil.copytree(taught / sub, work / sub)
-        if i == 1:  # site-b holds half the examples: FedAvg must weight it half
+        if i == 1:  # site-b holds the second half of the examples: FedAvg must weight it half, and it samples other items
             st = Storage()
             rows = st.read_parquet(str(work / "sft/train"))
             shutil.rmtree(work / "sft/train")
-            st.write_parquet(str(work / "sft/train/part-00000.parquet"), rows.slice(0, rows.num_rows // 2))
+            st.write_parquet(str(work / "sft/train/part-00000.parquet"), rows.slice(rows.num_rows // 2))
             st.write_manifest(str(work / "sft"), stage="teach")
         sites.append(_cfg(work, tiny_model_dir, synth_dir, fed, name))
     coord = _cfg(root / "coordinator", tiny_model_dir, synth_dir, fed, None)
@@ -62,32 +66,59 @@ def _sent(site_cfg) -> list[dict]:
     return out
 
 
-def test_fedavg_weights_each_sites_tensors_by_its_examples(consortium):
+@pytest.mark.parametrize("phase,data", [("sft", "sft/train"), ("dpo", "preferences")])
+def test_fedavg_weights_each_sites_tensors_by_its_examples(consortium, phase, data):
     coord, sites, summary = consortium
-    train_rounds = {s.federation.site: _sent(s)[0] for s in sites}  # round 0 is the training round
+    first = {"sft": 0, "dpo": 2}[phase]  # messages in order: sft round 0, its distribution, dpo round 0, its distribution
+    train_rounds = {s.federation.site: _sent(s)[first] for s in sites}
+    assert {m["meta"]["initial_metrics"]["stage"] for m in train_rounds.values()} == {phase}
     n = {site: m["meta"]["NUM_STEPS_CURRENT_ROUND"] for site, m in train_rounds.items()}
-    rows = {s.federation.site: Storage().read_parquet(f"{s.workdir}/sft/train").num_rows for s in sites}
-    assert n == rows and rows["site-b"] < rows["site-a"]
+    rows = {s.federation.site: Storage().read_parquet(f"{s.workdir}/{data}").num_rows for s in sites}
+    assert n == rows and all(rows.values())
+    if phase == "sft":
+        assert rows["site-b"] < rows["site-a"]  # site-b holds half the SFT examples: it weighs half
     expected = {k: sum(n[s] * train_rounds[s]["params"][k] for s in n) / sum(n.values()) for k in train_rounds["site-a"]["params"]}
-    final = load_file(f"{coord.workdir}/federation/coordinator/global.safetensors")
+    final = load_file(f"{coord.workdir}/federation/coordinator/global-{phase}.safetensors")
+    initial = load_file(f"{coord.workdir}/federation/initial-{phase}.safetensors")
     assert set(final) == set(expected) and all("lora_" in k for k in final)  # only the adapter travels
     for k, v in expected.items():
         torch.testing.assert_close(final[k], v.float(), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(train_rounds["site-a"]["params"][k], train_rounds["site-b"]["params"][k])  # they did train apart
+    a, b = (train_rounds[s]["params"] for s in SITES)
+    moved = {s: sorted(k for k in m["params"] if not torch.equal(m["params"][k], initial[k])) for s, m in train_rounds.items()}
+    assert all(moved.values()), moved  # every site trained
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # and apart, on its own data
+
+
+def test_dpo_starts_from_the_consortium_sft_model_with_each_sites_own_preferences(consortium):
+    coord, sites, summary = consortium
+    for s in sites:
+        samples = Storage().read_manifest(f"{s.workdir}/samples")
+        assert samples["model"] == f"{s.workdir}/models/federated" and samples["items"] == 6
+        assert Storage().read_manifest(f"{s.workdir}/preferences")["pairs"] > 0
+    sft_global, dpo_initial = (load_file(f"{coord.workdir}/federation/{f}") for f in ("coordinator/global-sft.safetensors", "initial-dpo.safetensors"))
+    extra = set(dpo_initial) - set(sft_global)  # a new adapter on the SFT model; DPO's policy also trains the vision encoder
+    assert set(sft_global) < set(dpo_initial) and all(".visual." in k for k in extra)
+    assert all(not dpo_initial[k].any() for k in dpo_initial if "lora_B" in k)  # starts as the SFT model itself
 
 
 def test_every_site_keeps_and_scores_the_consortium_model_and_so_does_the_coordinator(consortium):
     coord, sites, summary = consortium
-    assert summary["engine"] == "nvflare"
-    scores = report.federated_scores(summary["rounds"])
-    assert set(scores) == set(SITES) and all(v["n"] == 8 for v in scores.values())
+    assert summary["engine"] == "nvflare" and summary["phases"] == ["sft", "dpo"]
+    for phase in ("sft", "dpo"):
+        scores = report.federated_scores(summary["rounds"], phase)
+        assert set(scores) == set(SITES) and all(v["n"] == 8 for v in scores.values())
+    assert report.federated_scores(summary["rounds"]) == report.federated_scores(summary["rounds"], "dpo")
     for s in [*sites, coord]:
         out = f"{s.workdir}/models/federated"
         assert Storage().read_manifest(out)["trainable"] == "lora"
         assert json.loads(open(f"{out}/adapter_config.json").read())["base_model_name_or_path"] == str(coord.model.base)
         load_model(out)  # base + the consortium's adapter
-    rounds = {(r["round"], r["site"]) for r in summary["rounds"]}
-    assert rounds == {(r, s) for r in (0, 1) for s in SITES}
+        dpo = f"{s.workdir}/models/federated-dpo"
+        assert Storage().read_manifest(dpo)["phase"] == "dpo"
+        assert json.loads(open(f"{dpo}/adapter_config.json").read())["base_model_name_or_path"] == out  # DPO's base: the SFT model
+        load_model(dpo)  # base + SFT adapter + DPO adapter
+    rounds = {(r["phase"], r["round"], r["site"]) for r in summary["rounds"]}
+    assert rounds == {(p, r, s) for p in ("sft", "dpo") for r in (0, 1) for s in SITES}
 
 
 def test_each_message_is_audited_before_it_leaves_and_holds_no_image_bytes(consortium):
@@ -95,7 +126,7 @@ def test_each_message_is_audited_before_it_leaves_and_holds_no_image_bytes(conso
     for s in sites:
         sent = _sent(s)
         audit = [json.loads(x) for x in open(f"{s.workdir}/federation/audit.jsonl")]
-        assert len(sent) == 2 and len(audit) == 2  # the training round and the distribution round
+        assert len(sent) == 4 and len(audit) == 4  # each job's training round and distribution round
         assert all(a["event"] == "sent" and a["kind"] == "parameters" and a["site"] == s.federation.site for a in audit)
         assert sorted(a["sha256"] for a in audit) == sorted(hashlib.sha256(m["raw"]).hexdigest() for m in sent)
         assert all(a["bytes"] == len(m["raw"]) for a, m in zip(sorted(audit, key=lambda a: a["sha256"]),
@@ -183,3 +214,115 @@ def test_federate_provision_writes_kits_and_secret_manifests(tmp_path):
 
     doc = yaml.safe_load((tmp_path / "secrets" / "cmevlm-kit-site-a.yaml").read_text())
     assert doc["kind"] == "Secret" and "client.key" in doc["data"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Secure aggregation: FLARE's homomorphic encryption (CKKS through TenSEAL)
+
+
+@pytest.fixture(scope="module")
+def encrypted_consortium(taught, tmp_path_factory, tiny_model_dir, synth_dir):
+    root = tmp_path_factory.mktemp("encrypted")
+    fed = {"kits": str(root / "kits"), "port": free_port(), "secure_aggregation": True, "dpo_rounds": 0, "local_steps": 1}
+    sites = []
+    for i, name in enumerate(SITES):
+        work = root / name
+        for sub in ("frames", "sft"):
+            shutil.copytree(taught / sub, work / sub)
+        if i == 1:  # other data, other weight
+            st = Storage()
+            rows = st.read_parquet(str(work / "sft/train"))
+            shutil.rmtree(work / "sft/train")
+            st.write_parquet(str(work / "sft/train/part-00000.parquet"), rows.slice(rows.num_rows // 2))
+            st.write_manifest(str(work / "sft"), stage="teach")
+        sites.append(_cfg(work, tiny_model_dir, synth_dir, fed, name))
+    coord = _cfg(root / "coordinator", tiny_model_dir, synth_dir, fed, None)
+    return coord, sites, demo.federate(coord, sites)
+
+
+def _decrypted(site_cfg) -> list[dict]:
+    """The site's captured messages, every tensor decrypted with the site's own secret key:
+    [{params (numpy), meta, contexts (the CKKS contexts the message carries)}]."""
+    import tenseal as ts
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.app_opt.he import decomposers
+    from nvflare.fuel.utils import fobs
+
+    decomposers.register()
+    key = ts.context_from((kits.kit_of(site_cfg, site_cfg.federation.site) / "startup" / kits.HE_CONTEXT["client"]).read_bytes())
+    out = []
+    for f in sorted((__import__("pathlib").Path(site_cfg.workdir) / "federation" / "messages").glob("*.bin")):
+        dxo = from_shareable(fobs.loads(f.read_bytes()))
+        assert all(isinstance(v, ts.CKKSVector) for v in dxo.data.values())
+        contexts = [v.context() for v in dxo.data.values()]
+        params = {k: __import__("numpy").array(ts.ckks_vector_from(key, v.serialize()).decrypt()) for k, v in dxo.data.items()}
+        out.append({"params": params, "meta": dxo.meta, "contexts": contexts})
+    return out
+
+
+def test_secure_aggregation_sends_only_ciphertexts_and_the_sites_get_the_weighted_average(encrypted_consortium):
+    import numpy as np
+    import tenseal as ts
+
+    coord, sites, summary = encrypted_consortium
+    kit = kits.kits_dir(coord)
+    assert not ts.context_from((kit / "localhost" / "startup" / kits.HE_CONTEXT["server"]).read_bytes()).is_private()  # no secret key
+    assert all(ts.context_from((kit / s / "startup" / kits.HE_CONTEXT["client"]).read_bytes()).is_private() for s in SITES)
+    sent = {s.federation.site: _decrypted(s) for s in sites}
+    assert all(len(m) == 2 for m in sent.values())  # the training round, the distribution round
+    assert not any(c.is_private() for m in sent.values() for msg in m for c in msg["contexts"])  # the secret key never leaves
+    n = {site: m[0]["meta"]["NUM_STEPS_CURRENT_ROUND"] for site, m in sent.items()}
+    trained = {site: {k: v / n[site] for k, v in m[0]["params"].items()} for site, m in sent.items()}  # sites send n x tensors
+    expected = {k: sum(n[s] * trained[s][k] for s in n) / sum(n.values()) for k in trained["site-a"]}
+    assert any(not np.allclose(trained["site-a"][k], trained["site-b"][k], atol=1e-4) for k in expected)
+    for site, m in sent.items():  # what each site received and kept, sent back in the distribution round
+        kept = {k: v / n[site] for k, v in m[1]["params"].items()}
+        for k, v in expected.items():
+            np.testing.assert_allclose(kept[k], v, atol=1e-4)
+    log = [r for r in summary["rounds"] if r["round"] == 0]
+    assert {r["site"] for r in log} == set(SITES) and all(r["encrypted"] == r["tensors"] > 0 and "rejected" not in r for r in log)
+    assert summary["models"]["sft"] is None and not (__import__("pathlib").Path(coord.workdir) / "models" / "federated").exists()
+    for s in sites:
+        assert Storage().read_manifest(f"{s.workdir}/models/federated")["trainable"] == "lora"
+        audit = [json.loads(x) for x in open(f"{s.workdir}/federation/audit.jsonl")]
+        assert [a["encrypted"] for a in audit] == [a["tensors"] for a in audit]
+    assert set(report.federated_scores(summary["rounds"])) == set(SITES)
+
+
+def test_under_secure_aggregation_the_coordinator_refuses_a_plaintext_update(tmp_path, monkeypatch):
+    import numpy as np
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.fl_context import FLContext
+    from safetensors.torch import save_file
+
+    from cmevlm.federation.filters import ROUND_LOG_ENV, RoundLog
+
+    save_file({"a.lora_A.weight": torch.zeros(4, 8)}, str(tmp_path / "init.safetensors"))
+    monkeypatch.setenv(ROUND_LOG_ENV, str(tmp_path / "rounds.jsonl"))
+    dxo = DXO(DataKind.WEIGHTS, data={"a.lora_A.weight": np.ones((4, 8), np.float32)})
+    dxo.set_meta_prop(MetaKey.PROCESSED_KEYS, {"a.lora_A.weight": False})
+    out = RoundLog(str(tmp_path / "init.safetensors"), encrypted=True).process(dxo.to_shareable(), FLContext())
+    assert out.get_return_code() == ReturnCode.BAD_TASK_DATA
+    assert "not encrypted" in json.loads((tmp_path / "rounds.jsonl").read_text())["rejected"]
+
+
+def test_secure_aggregation_refuses_dp_and_a_full_dpo_start():
+    from pydantic import ValidationError
+
+    from cmevlm.config import FederationConfig
+
+    with pytest.raises(ValidationError, match="choose one"):
+        FederationConfig(secure_aggregation=True, dp={})
+    with pytest.raises(ValidationError, match="trainable: lora"):
+        FederationConfig(secure_aggregation=True, trainable="full", dpo_rounds=1)
+    FederationConfig(secure_aggregation=True, trainable="full", dpo_rounds=0)
+
+
+def test_a_site_never_sends_a_round_that_trained_to_nan():
+    from cmevlm.federation import site_app
+
+    cfg = load_config(overrides=["federation.site=site-a"])
+    with pytest.raises(RuntimeError, match="1 non-finite tensors.*not sent"):
+        site_app.check_finite(cfg, {"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(2)}, 1, {"loss": float("nan")})
+    site_app.check_finite(cfg, {"a": torch.ones(2)}, 1, {"loss": 0.5})

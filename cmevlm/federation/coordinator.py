@@ -1,12 +1,14 @@
 """`cmevlm federate`: the coordinator. `cmevlm site`: a site. Both on NVIDIA FLARE.
 
 The coordinator starts FLARE's server from its startup kit (gRPC, mutual TLS), writes the
-initial trainable tensors (cmevlm.federation.state), submits one FedAvg job with its admin kit
-(FLARE's FedAvgRecipe: rounds of weighted averaging of what the sites send, weighted by their
-example counts, then one distribution round), waits, and writes the consortium model
-(<workdir>/models/federated) and report (<workdir>/consortium/). A site runs its ingest and
-teach stages (skipped when complete), then FLARE's client from its kit, which runs the job's
-client script (cmevlm.federation.site_app) in the site's own process and Ray cluster.
+initial trainable tensors (cmevlm.federation.state), submits a FedAvg job with its admin kit
+(FLARE's FedAvgRecipe, or its HE recipe under secure aggregation: rounds of averaging of what
+the sites send, weighted by their example counts, then one distribution round), waits, and
+writes the consortium model (<workdir>/models/federated; under secure aggregation only the
+sites can decrypt it); then, with federation.dpo_rounds, a second job of DPO rounds from that
+model (models/federated-dpo), and the summary (<workdir>/consortium/). A site runs its ingest
+and teach stages (skipped when complete), then FLARE's client from its kit, which runs the
+job's client script (cmevlm.federation.site_app) in the site's own process and Ray cluster.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ def local_dir(cfg: RunConfig, *parts: str) -> Path:
     return p
 
 
-def build_recipe(cfg: RunConfig, initial: str):
-    """The FedAvg job: the initial tensors, the site script, DP (when on) then the audit on
-    each site's results, the round log on the coordinator's inputs."""
+def build_recipe(cfg: RunConfig, initial: str, phase: str = "sft"):
+    """The FedAvg job of a phase (sft or dpo): the initial tensors, the site script with the
+    phase as its argument; on each site's results DP (when on) or FLARE's homomorphic
+    encryptor (secure aggregation: its HE recipe) and then the audit, the last before sending;
+    the round log and gate on the coordinator's inputs."""
     from nvflare.app_common.filters.svt_privacy import SVTPrivacy
-    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.client.config import TransferType
 
     from cmevlm.federation import filters
@@ -48,18 +51,22 @@ def build_recipe(cfg: RunConfig, initial: str):
     f = cfg.federation
     launcher = local_dir(cfg, "coordinator") / "cmevlm_site.py"  # outside any package: FLARE ships it as is
     launcher.write_text("from cmevlm.federation.site_app import main\n\nmain()\n")
-    recipe = FedAvgRecipe(
-        name=f"{f.name}-sft", min_clients=f.min_sites or len(f.sites), num_rounds=f.rounds + 1,
+    if f.secure_aggregation:
+        from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE as Recipe
+    else:
+        from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe as Recipe
+    recipe = Recipe(
+        name=f"{f.name}-{phase}", min_clients=f.min_sites or len(f.sites), num_rounds=(f.rounds if phase == "sft" else f.dpo_rounds) + 1,
         model={"class_path": "cmevlm.federation.state.TrainableState",
                "args": {"uri": initial, "endpoint": cfg.storage.endpoint, "region": cfg.storage.region}},
-        train_script=str(launcher), launch_external_process=True, command="python3 -u",
+        train_script=str(launcher), train_args=phase, launch_external_process=True, command="python3 -u",
         params_transfer_type=TransferType.DIFF if f.dp else TransferType.FULL)
     if f.dp:
         d = f.dp
         recipe.add_client_output_filter(SVTPrivacy(fraction=d.fraction, epsilon=d.epsilon, noise_var=d.noise_var, gamma=d.gamma, tau=d.tau),
                                         tasks=[TASK])
     recipe.add_client_output_filter(filters.SiteAudit(), tasks=[TASK])
-    recipe.add_server_input_filter(filters.RoundLog(initial, cfg.storage.endpoint, cfg.storage.region), tasks=[TASK])
+    recipe.add_server_input_filter(filters.RoundLog(initial, cfg.storage.endpoint, cfg.storage.region, f.secure_aggregation), tasks=[TASK])
     return recipe
 
 
@@ -106,15 +113,16 @@ def server_kit(cfg: RunConfig) -> Path:
     return kits.require_kit(kits.kit_of(cfg, f.server_host), "federate")
 
 
-def write_initial(cfg: RunConfig) -> str:
-    """The initial trainable tensors in the run's storage, where the server reads them
-    wherever it runs; returns their URI. Loads the base model: only the submitter needs it."""
+def write_initial(cfg: RunConfig, phase: str = "sft") -> str:
+    """A phase's initial trainable tensors in the run's storage, where the server reads them
+    wherever it runs; returns their URI. Loads the phase's base (DPO's: the consortium's SFT
+    model this coordinator kept): only the submitter needs it."""
     from safetensors.torch import save
 
     from cmevlm.federation.state import initial_state
 
-    initial = join(cfg.workdir, "federation", "initial.safetensors")
-    Storage(cfg.storage).write_bytes(initial, save(initial_state(cfg)))
+    initial = join(cfg.workdir, "federation", f"initial-{phase}.safetensors")
+    Storage(cfg.storage).write_bytes(initial, save(initial_state(cfg, phase)))
     return initial
 
 
@@ -129,8 +137,9 @@ def serve(cfg: RunConfig, kit: Path):
     return server
 
 
-def submit(cfg: RunConfig, initial: str) -> dict:
-    """Submit the job to the running server, wait, write the consortium model and summary."""
+def submit(cfg: RunConfig, initial: str, phase: str = "sft") -> dict:
+    """Submit a phase's job to the running server, wait, write the phase's consortium model;
+    returns its summary (every round record tagged with the phase)."""
     from safetensors.torch import save_file
 
     from cmevlm.federation.state import save_model
@@ -140,24 +149,38 @@ def submit(cfg: RunConfig, initial: str) -> dict:
     admin_kit = kits.require_kit(kits.kits_dir(cfg) / kits.admin_name(cfg), "federate (admin)")
     t0 = time.time()
     try:
-        result = submit_and_wait(cfg, build_recipe(cfg, initial), admin_kit)
+        result = submit_and_wait(cfg, build_recipe(cfg, initial, phase), admin_kit)
     except RuntimeError as e:
         rejected = [f"{r['site']} round {r['round']}: {r['rejected']}" for r in rounds(work / "rounds.jsonl") if r.get("rejected")]
-        raise RuntimeError(f"{e}" + (f"; updates refused: {'; '.join(rejected)}" if rejected else "")) from e
-    state = global_state(result)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(work / "global.safetensors"))
-    manifest = save_model(cfg, state, join(cfg.workdir, "models", "federated"))
-    summary = {"engine": ENGINE, "seconds": round(time.time() - t0, 1), "rounds": rounds(work / "rounds.jsonl"), "model": manifest}
+        raise RuntimeError(f"{phase}: {e}" + (f"; updates refused: {'; '.join(rejected)}" if rejected else "")) from e
+    manifest = None
+    if not cfg.federation.secure_aggregation:  # encrypted, the global tensors are the sites' alone
+        state = global_state(result)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(work / f"global-{phase}.safetensors"))
+        manifest = save_model(cfg, state, phase)
+    return {"seconds": round(time.time() - t0, 1), "rounds": [{**r, "phase": phase} for r in rounds(work / "rounds.jsonl")],
+            "model": manifest}
+
+
+def submit_all(cfg: RunConfig, initial: str | None = None) -> dict:
+    """The consortium's jobs in order, SFT then (federation.dpo_rounds > 0) DPO from the SFT
+    result; writes <workdir>/consortium/federation.json and returns it."""
+    phases = ("sft", "dpo") if cfg.federation.dpo_rounds else ("sft",)
+    jobs = {}
+    for phase in phases:
+        jobs[phase] = submit(cfg, initial if phase == "sft" and initial else write_initial(cfg, phase), phase)
+    summary = {"engine": ENGINE, "phases": list(phases), "seconds": round(sum(j["seconds"] for j in jobs.values()), 1),
+               "rounds": [r for j in jobs.values() for r in j["rounds"]], "models": {p: j["model"] for p, j in jobs.items()}}
     Storage(cfg.storage).write_json(join(cfg.workdir, "consortium", "federation.json"), summary)
     return summary
 
 
 def run(cfg: RunConfig) -> dict:
-    """The whole coordinator in one process: serve, submit one job, wait, stop."""
+    """The whole coordinator in one process: serve, submit the jobs, wait, stop."""
     kit = server_kit(cfg)
     initial = write_initial(cfg)
     server = serve(cfg, kit)
     try:
-        return submit(cfg, initial)
+        return submit_all(cfg, initial)
     finally:
         processes.stop(server)

@@ -8,7 +8,8 @@ together.
 Each site gets its own workdir, synthetic source and ingest + teach (as `cmevlm site` runs them).
 Then a local-only model per site (its SFT alone, as many steps as it trains in the consortium),
 and the federated model: the coordinator and the three sites as separate NVIDIA FLARE
-processes over gRPC with mutual TLS, `federation.rounds` rounds of FedAvg. Every local model is
+processes over gRPC with mutual TLS, `federation.rounds` rounds of FedAvg of SFT, then
+`federation.dpo_rounds` of DPO on each site's own preferences. Every local model is
 evaluated on every site's test set; the federated one by each site on its own (the
 distribution round). <workdir>/consortium/report.json and report.html hold the cross-site
 table, the rounds, the bytes per round and the scan of every message for image bytes.
@@ -43,8 +44,12 @@ PRETRAIN = {"per_device_batch_size": 32, "effective_batch_size": 32, "lr": 3e-3,
 # The tiny base cannot learn through a LoRA adapter alone (random weights under it), so the
 # demo trains and averages every component (sft.freeze=none, federation.trainable=full); a
 # real pretrained base uses the default LoRA.
-FEDERATION = {"rounds": 4, "local_steps": 15, "trainable": "full", "capture_messages": True}
+FEDERATION = {"rounds": 4, "dpo_rounds": 1, "local_steps": 15, "trainable": "full", "capture_messages": True}
 SFT = {"num_workers": 1, "zero_stage": 0, "per_device_batch_size": 8, "effective_batch_size": 8, "lr": 1e-3, "freeze": "none"}
+# Federated DPO after the SFT rounds: each site samples 48 of its own pool items five times with
+# the consortium's SFT model and its offline judge picks; gentle, as in the main demo.
+DPO = {"num_workers": 1, "zero_stage": 0, "per_device_batch_size": 8, "effective_batch_size": 8, "lr": 5e-6}
+SAMPLE = {"limit": 48, "batch_size": 16}
 
 
 def site_config(base: RunConfig, root: Path, style: SiteStyle) -> RunConfig:
@@ -53,8 +58,9 @@ def site_config(base: RunConfig, root: Path, style: SiteStyle) -> RunConfig:
     c.workdir, c.model.base = str(work), str(root / "models" / "pretrained")
     c.sources = [Source(uri=str(work / "synth"), layout="cmevlm", site=style.site)]
     c.federation = FederationConfig(site=style.site, sites=[s.site for s in SITES], kits=str(root / "kits"), **FEDERATION)
-    for k, v in SFT.items():
-        setattr(c.sft, k, v)
+    for section, values in ((c.sft, SFT), (c.dpo, DPO), (c.sample, SAMPLE)):
+        for k, v in values.items():
+            setattr(section, k, v)
     c.ray.num_cpus = 1
     return c
 
@@ -115,14 +121,15 @@ def train_local(c: RunConfig) -> str:
 
 
 def federate(coord: RunConfig, cfgs: list[RunConfig]) -> dict:
-    """The coordinator and the three sites as their own processes, one job (skipped when the
-    coordinator has written its summary and model)."""
+    """The coordinator and the three sites as their own processes, the SFT job then the DPO job
+    (skipped when the coordinator has written its summary and last model)."""
     from cmevlm.federation import coordinator, kits, processes, site
+    from cmevlm.federation.state import OUTPUT
     from cmevlm.storage import Storage, join
 
     st = Storage(coord.storage)
     done = join(coord.workdir, "consortium", "federation.json")
-    if st.exists(done) and st.is_complete(join(coord.workdir, "models", "federated")):
+    if st.exists(done) and st.is_complete(join(coord.workdir, OUTPUT["dpo" if coord.federation.dpo_rounds else "sft"])):
         log.info("federate: %s exists, skipped", done)
         return st.read_json(done)
 

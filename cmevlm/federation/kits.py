@@ -21,6 +21,12 @@ from cmevlm.errors import ConfigError, MissingInput
 from cmevlm.storage import join
 
 ADMIN_ORG = "consortium"
+# Secure aggregation's keys (FLARE's HEBuilder, its defaults): one CKKS context for the
+# consortium; each site's kit holds it with the secret key (client_context.tenseal), the
+# coordinator's without (server_context.tenseal): it can add ciphertexts, never read them.
+HE_BUILDER = {"path": "nvflare.lighter.impl.he.HEBuilder",
+              "args": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40, "scheme": "CKKS"}}
+HE_CONTEXT = {"server": "server_context.tenseal", "client": "client_context.tenseal"}
 
 
 def admin_name(cfg: RunConfig) -> str:
@@ -57,6 +63,7 @@ def project(cfg: RunConfig) -> dict:
                          {"name": admin_name(cfg), "type": "admin", "org": ADMIN_ORG, "role": "project_admin"}],
         "builders": [{"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"},
                      {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config", "scheme": "grpc"}},
+                     *([HE_BUILDER] if f.secure_aggregation else []),
                      {"path": "nvflare.lighter.impl.cert.CertBuilder"},
                      {"path": "nvflare.lighter.impl.signature.SignatureBuilder"}],
     }
@@ -67,6 +74,9 @@ def provision(cfg: RunConfig) -> Path:
     out = kits_dir(cfg)
     names = [cfg.federation.server_host, *cfg.federation.sites, admin_name(cfg)]
     if all((out / n / "startup").is_dir() for n in names):
+        if cfg.federation.secure_aggregation and not (out / cfg.federation.server_host / "startup" / HE_CONTEXT["server"]).exists():
+            raise ConfigError(f"federation.secure_aggregation is on but the kits in {out} hold no encryption keys: provision them "
+                              "again with it on (delete the folder first)")
         return out
     work = out.parent / (out.name + ".provision")
     work.mkdir(parents=True, exist_ok=True)

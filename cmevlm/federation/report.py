@@ -1,7 +1,8 @@
 """The consortium report: <workdir>/consortium/report.json and report.html.
 
-`federated` is what each site measured of the consortium model on its own test set (the
-distribution round); `local` every local-only model on every site's test set; `rounds` what
+`federated` is what each site measured of the consortium's last model (after DPO when its job
+ran) on its own test set (the distribution round), `federated_sft` the same after the SFT job;
+`local` every local-only model on every site's test set; `rounds` what
 the coordinator received per round and site (bytes, examples, loss); `image_bytes_in_messages`
 the scan of every message the sites kept (federation.capture_messages) for their image bytes.
 `targets` says whether the demo's targets are met.
@@ -21,12 +22,19 @@ LOCAL_MIN_LATERALITY_ERROR = 0.3
 DEMO_MAX_SECONDS = 15 * 60
 
 
-def federated_scores(rounds: list[dict]) -> dict:
-    """{site: {structure_accuracy, laterality_error, n}} from the distribution round's metrics."""
+def final_phase(rounds: list[dict]) -> str:
+    """The phase whose model the sites keep last: dpo when its job ran, else sft."""
+    return "dpo" if any(r.get("phase") == "dpo" for r in rounds) else "sft"
+
+
+def federated_scores(rounds: list[dict], phase: str | None = None) -> dict:
+    """{site: {structure_accuracy, laterality_error, n}} from a phase's distribution round
+    (default: the last phase)."""
+    phase = phase or final_phase(rounds)
     out = {}
     for r in rounds:
         m = r.get("metrics") or {}
-        if m.get("phase") == "distribute":
+        if m.get("phase") == "distribute" and r.get("phase", "sft") == phase:
             out[r["site"]] = {k: m[k] for k in ("structure_accuracy", "laterality_error", "n") if k in m}
     return out
 
@@ -36,7 +44,8 @@ def bytes_per_round(rounds: list[dict]) -> int:
     per: dict = {}
     for r in rounds:
         if (r.get("metrics") or {}).get("phase") == "train":
-            per[r["round"]] = per.get(r["round"], 0) + r["bytes"]
+            key = (r.get("phase", "sft"), r["round"])
+            per[key] = per.get(key, 0) + r["bytes"]
     return max(per.values(), default=0)
 
 
@@ -58,8 +67,9 @@ def write(coord: RunConfig, sites: list[RunConfig], fed: dict, local: dict, timi
     from cmevlm.federation.scan import scan_sites
 
     scan = scan_sites(sites)
-    report = {"engine": fed["engine"], "federated": federated_scores(fed["rounds"]), "local": local, "pretrained": pretrained or {},
-              "rounds": [{k: r.get(k) for k in ("round", "site", "bytes", "examples", "sha256", "data_kind")} | {"metrics": r.get("metrics")}
+    report = {"engine": fed["engine"], "federated": federated_scores(fed["rounds"]), "phases": fed.get("phases", ["sft"]),
+              "federated_sft": federated_scores(fed["rounds"], "sft"), "local": local, "pretrained": pretrained or {},
+              "rounds": [{k: r.get(k) for k in ("phase", "round", "site", "bytes", "examples", "sha256", "data_kind")} | {"metrics": r.get("metrics")}
                          for r in fed["rounds"]],
               "bytes_per_round": bytes_per_round(fed["rounds"]), "image_bytes_in_messages": scan["image_bytes_found"],
               "messages_scanned": scan["messages"], "scan": scan, "trainable": coord.federation.trainable,
@@ -72,6 +82,13 @@ def write(coord: RunConfig, sites: list[RunConfig], fed: dict, local: dict, timi
     return report
 
 
+def federated_rows(report: dict) -> list[tuple[str, str]]:
+    """(row name, report key) of the consortium's models: after SFT, and after DPO when it ran."""
+    if "dpo" in report.get("phases", []):
+        return [("federated SFT", "federated_sft"), ("federated DPO", "federated")]
+    return [("federated", "federated")]
+
+
 def _cell(s: dict | None) -> str:
     if not s:
         return "<td>-</td>"
@@ -82,7 +99,7 @@ def _cell(s: dict | None) -> str:
 def render_html(report: dict) -> str:
     sites = sorted({t for by in report["local"].values() for t in by} | set(report["federated"]))
     head = "".join(f"<th>{html.escape(s)} test</th>" for s in sites)
-    rows = [f"<tr><th>federated</th>{''.join(_cell(report['federated'].get(s)) for s in sites)}</tr>"]
+    rows = [f"<tr><th>{html.escape(name)}</th>{''.join(_cell(report[key].get(s)) for s in sites)}</tr>" for name, key in federated_rows(report)]
     rows += [f"<tr><th>local {html.escape(m)}</th>{''.join(_cell(by.get(s)) for s in sites)}</tr>" for m, by in sorted(report["local"].items())]
     if report.get("pretrained"):
         rows.append(f"<tr><th>start (public pretraining)</th>{''.join(_cell(report['pretrained'].get(s)) for s in sites)}</tr>")
@@ -107,7 +124,7 @@ def table_text(report: dict) -> str:
     def cell(s):
         return f"{s['structure_accuracy']:.2f} / {s['laterality_error']:.2f}" if s else "-"
 
-    lines.append(f"{'federated':<16}" + "".join(f"{cell(report['federated'].get(s)):>16}" for s in sites))
+    lines += [f"{name:<16}" + "".join(f"{cell(report[key].get(s)):>16}" for s in sites) for name, key in federated_rows(report)]
     lines += [f"{'local ' + m:<16}" + "".join(f"{cell(by.get(s)):>16}" for s in sites) for m, by in sorted(report["local"].items())]
     if report.get("pretrained"):
         lines.append(f"{'start (public)':<16}" + "".join(f"{cell(report['pretrained'].get(s)):>16}" for s in sites))

@@ -5,7 +5,8 @@ leave, the teacher sees only text and binary masks, as in a single-site run), th
 FLARE's client from the site's startup kit, which connects to the coordinator over gRPC with
 mutual TLS and runs the consortium's job (cmevlm.federation.site_app) in this site's own
 process and Ray cluster. It stays up for the next job (a Deployment on Kubernetes); `--once`
-stops it when this site has kept the consortium model of one job.
+stops it when this site has kept the consortium's last model (after DPO when
+federation.dpo_rounds, else after SFT).
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ def start(cfg: RunConfig):
 
 
 def kept_since(cfg: RunConfig, t0: float) -> bool:
-    """Whether this site has kept a consortium model written after `t0`."""
-    m = Storage(cfg.storage).read_manifest(join(cfg.workdir, "models", "federated"))
+    """Whether this site has kept the consortium's last model (DPO's with federation.dpo_rounds,
+    else SFT's) written after `t0`."""
+    from cmevlm.federation.state import OUTPUT
+
+    m = Storage(cfg.storage).read_manifest(join(cfg.workdir, OUTPUT["dpo" if cfg.federation.dpo_rounds else "sft"]))
     return bool(m) and m.get("created_unix", 0) >= t0
 
 

@@ -2,13 +2,16 @@
 
 The site's FLARE client (started by `cmevlm site`) launches it as a process of its own (through
 a two-line launcher the job carries), with the site's run config in CMEVLM_SITE_CONFIG: its
-workdir, its data, its Ray cluster. In-process, torch's import raced FLARE's own threads. Each round it receives the global
-trainable tensors, trains `federation.local_steps` of SFT on its own `sft/train` through the
-same Ray Train stage as `cmevlm sft` (cmevlm.train.sft.local_round), and sends back only the
-trained tensors, their example count (FedAvg's weight) and its training loss. In the last
-round (the distribution round) it trains nothing: it evaluates the consortium model on its own
-test set, keeps it as <workdir>/models/federated, and sends its metrics with the tensors
-unchanged. Frames, composites and masks never enter a message: the site's audit records every
+workdir, its data, its Ray cluster (in-process, torch's import raced FLARE's own threads). The
+job's phase is its argument: sft, then (a second job) dpo. Each round it receives the global
+trainable tensors, trains `federation.local_steps` of the phase on its own data through the
+same Ray Train stage as `cmevlm sft` / `cmevlm dpo` (their `local_round`), and sends back only
+the trained tensors, their example count (FedAvg's weight) and its training loss. Before its
+first DPO round it builds its preferences: the consortium's SFT model answers the site's own
+pool five times and its judge picks (text only). In the last round (the distribution round) it
+trains nothing: it evaluates the consortium model on its own test set, keeps it
+(models/federated after SFT, models/federated-dpo after DPO), and sends its metrics with the
+tensors unchanged. Frames, composites and masks never enter a message: the site's audit records every
 message before it leaves (cmevlm.federation.filters.SiteAudit).
 """
 
@@ -21,66 +24,105 @@ import time
 log = logging.getLogger("cmevlm.federation.site")
 
 
-def train_round(cfg, state: dict, rnd: int) -> tuple[dict, dict]:
-    """(trained tensors, metrics) of one round at this site."""
+def train_round(cfg, state: dict, rnd: int, phase: str) -> tuple[dict, dict]:
+    """(trained tensors, metrics) of one round of `phase` at this site."""
     from safetensors.torch import load, save
 
     from cmevlm.federation.state import federated_cfg
     from cmevlm.storage import Storage, join
-    from cmevlm.train.sft import local_round
+    from cmevlm.train import dpo, sft
 
-    c = federated_cfg(cfg)
-    init = join(cfg.workdir, "federation", "rounds", f"r{rnd:03d}", "global.safetensors")
+    c = federated_cfg(cfg, phase)
+    init = join(cfg.workdir, "federation", "rounds", phase, f"r{rnd:03d}", "global.safetensors")
     Storage(cfg.storage).write_bytes(init, save({k: v.contiguous() for k, v in state.items()}))
     t0 = time.time()
-    trained, final = local_round(c, init, f"federated-sft-r{rnd:03d}")
+    trained, final = (sft if phase == "sft" else dpo).local_round(c, init, f"federated-{phase}-r{rnd:03d}")
     return load(trained), {"train_seconds": round(time.time() - t0, 2), "steps": final["global_step"], "loss": final["loss"]}
 
 
-def distribute(cfg, state: dict) -> dict:
+def preferences(cfg) -> dict:
+    """DPO's data at this site, before its first DPO round: the consortium's SFT model answers
+    the site's own pool five times and the site's judge picks (text only), as `cmevlm sample`
+    and `cmevlm prefer` do; rebuilt for each job (the model is new)."""
+    from cmevlm import prefer, sample
+    from cmevlm.federation.state import OUTPUT
+
+    c = cfg.model_copy(deep=True)
+    c.sample.model = OUTPUT["sft"]
+    t0 = time.time()
+    sample.run(c, force=True)
+    m = prefer.run(c, force=True)
+    return {"pairs": m["pairs"], "preference_seconds": round(time.time() - t0, 2)}
+
+
+def distribute(cfg, state: dict, phase: str) -> dict:
     """The last round: keep the consortium model and evaluate it on this site's test set."""
     from cmevlm.federation.scoring import score_model
-    from cmevlm.federation.state import save_model
-    from cmevlm.storage import join
+    from cmevlm.federation.state import OUTPUT, save_model
+    from cmevlm.storage import stage_uri
 
-    out = join(cfg.workdir, "models", "federated")
-    save_model(cfg, state, out)
-    return score_model(cfg, out)
+    save_model(cfg, state, phase)
+    return score_model(cfg, stage_uri(cfg, OUTPUT[phase]))
 
 
-def examples(cfg) -> int:
+def examples(cfg, phase: str) -> int:
     from cmevlm.storage import Storage, stage_uri
 
-    return Storage(cfg.storage).read_parquet(stage_uri(cfg, cfg.sft.data), columns=["item_id"]).num_rows
+    t = cfg.sft if phase == "sft" else cfg.dpo
+    return Storage(cfg.storage).read_parquet(stage_uri(cfg, t.data), columns=["item_id"]).num_rows
+
+
+def answer(cfg, received, phase: str, state: dict, ready: dict) -> tuple[dict, dict]:
+    """(tensors, metrics) this site sends for one received round."""
+    rnd, total = received.current_round, received.total_rounds
+    if rnd == total - 1:
+        return state, {"phase": "distribute", **distribute(cfg, state, phase)}
+    if phase == "dpo" and not ready:
+        ready.update(preferences(cfg))
+    out, metrics = train_round(cfg, state, rnd, phase)
+    check_finite(cfg, out, rnd, metrics)
+    return out, {"phase": "train", **metrics, **ready}
+
+
+def check_finite(cfg, tensors: dict, rnd: int, metrics: dict) -> None:
+    """A round that trained to NaN / inf fails at the site, loudly, instead of being sent (the
+    coordinator would refuse it; FLARE's DP filter never ends on one)."""
+    import torch
+
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if bad:
+        raise RuntimeError(f"site {cfg.federation.site}: round {rnd} trained {len(bad)} non-finite tensors ({bad[0]}, ...; "
+                           f"loss {metrics.get('loss')}): not sent")
 
 
 def main() -> None:
+    """argv[1] = the job's phase: sft (the default) or dpo."""
+    import sys
+
     import nvflare.client as flare
     from nvflare.apis.fl_constant import FLMetaKey
 
     from cmevlm.cluster import apply_env_defaults, connect
     from cmevlm.config import RunConfig
     from cmevlm.federation.processes import SITE_CONFIG_ENV
-    from cmevlm.federation.state import from_numpy
+    from cmevlm.federation.state import TRAINING_PHASES, from_numpy
 
+    phase = sys.argv[1] if len(sys.argv) > 1 else "sft"
+    if phase not in TRAINING_PHASES:
+        raise SystemExit(f"the job's phase must be one of {TRAINING_PHASES}, not {phase!r}")
     apply_env_defaults()
     cfg = RunConfig.model_validate_json(os.environ[SITE_CONFIG_ENV])
     connect(cfg.ray)
     flare.init()
-    n = examples(cfg)
+    ready: dict = {}
     while flare.is_running():
         received = flare.receive()
         if received is None:
             break
-        rnd, total = received.current_round, received.total_rounds
-        state = from_numpy(received.params)
-        if rnd == total - 1:
-            metrics, out = {"phase": "distribute", **distribute(cfg, state)}, state
-        else:
-            out, metrics = train_round(cfg, state, rnd)
-            metrics["phase"] = "train"
-        log.info("site %s round %d/%d: %s", cfg.federation.site, rnd + 1, total, metrics)
-        flare.send(flare.FLModel(params={k: v.float() for k, v in out.items()}, metrics={**metrics, "examples": n},
+        out, metrics = answer(cfg, received, phase, from_numpy(received.params), ready)
+        n = examples(cfg, phase)
+        log.info("site %s %s round %d/%d: %s", cfg.federation.site, phase, received.current_round + 1, received.total_rounds, metrics)
+        flare.send(flare.FLModel(params={k: v.float() for k, v in out.items()}, metrics={**metrics, "stage": phase, "examples": n},
                                  meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: n}))
 
 

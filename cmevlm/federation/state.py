@@ -1,4 +1,4 @@
-"""What the consortium averages: the trainable tensors of the SFT model, by name.
+"""What the consortium averages: the trainable tensors of a phase's model, by name.
 
 `federation.trainable` = lora: the LoRA adapter (sft.lora, or r=16 on the default modules);
 full: every parameter the freeze policy trains (merger + LM). The coordinator and every site
@@ -20,37 +20,61 @@ from cmevlm.config import LoraSettings, RunConfig
 from cmevlm.storage import Storage
 
 
-def federated_cfg(cfg: RunConfig) -> RunConfig:
-    """The run config a federated round trains with: sft.max_steps = local_steps, one
-    checkpoint at the end, a constant learning rate (each round is a short stretch of one
-    schedule), and the adapter or not as `federation.trainable` says."""
+TRAINING_PHASES = ("sft", "dpo")
+OUTPUT = {"sft": "models/federated", "dpo": "models/federated-dpo"}  # what each phase's sites keep, under the workdir
+
+
+def stage_of(c: RunConfig, phase: str):
+    return c.sft if phase == "sft" else c.dpo
+
+
+def federated_cfg(cfg: RunConfig, phase: str = "sft") -> RunConfig:
+    """The run config a federated round of `phase` trains with: its max_steps = local_steps,
+    one checkpoint at the end, a constant learning rate (each round is a short stretch of one
+    schedule), the adapter or not as `federation.trainable` says; DPO's policy and reference
+    are the consortium's SFT model (OUTPUT["sft"])."""
     c = cfg.model_copy(deep=True)
-    f, t = c.federation, c.sft
+    f, t = c.federation, stage_of(c, phase)
     if t.zero_stage == 3:
         from cmevlm.errors import ConfigError
 
-        raise ConfigError("federated rounds need sft.zero_stage 0 or 2 (every worker holds the whole trainable tensors)")
+        raise ConfigError(f"federated rounds need {phase}.zero_stage 0 or 2 (every worker holds the whole trainable tensors)")
     t.lora = (t.lora or LoraSettings(merge=False)) if f.trainable == "lora" else None
     t.max_steps, t.checkpoint_every, t.scheduler, t.warmup_ratio = f.local_steps, f.local_steps, "constant", 0.0
+    c.dpo.model = OUTPUT["sft"]
     return c
 
 
-def trainable_model(cfg: RunConfig):
-    """(model, processor) of the federated SFT: the base, the freeze policy, the adapter."""
+def base_of(c: RunConfig, phase: str) -> str:
+    """The model a phase's trainable tensors apply to: the base for SFT, the SFT consortium
+    model for DPO."""
+    from cmevlm.storage import stage_uri
+
+    return c.model.base if phase == "sft" else stage_uri(c, c.dpo.model)
+
+
+def trainable_model(cfg: RunConfig, phase: str = "sft", on: str | None = None):
+    """(model, processor) of a federated phase: its base (or `on`, a model of the same
+    architecture), its freeze policy, the adapter."""
     import torch
 
     from cmevlm.train.common import load_trainable
 
-    c = federated_cfg(cfg)
+    c = federated_cfg(cfg, phase)
+    t = stage_of(c, phase)
     torch.manual_seed(c.seed)  # the adapter's A starts the same everywhere
-    model, processor, _ = load_trainable(c, c.sft, c.model.base, c.sft.freeze or "sft")
+    model, processor, _ = load_trainable(c, t, on or base_of(c, phase), t.freeze or phase)
     return model, processor
 
 
-def initial_state(cfg: RunConfig) -> "OrderedDict":
+def initial_state(cfg: RunConfig, phase: str = "sft") -> "OrderedDict":
+    """A phase's starting tensors. A new LoRA adapter (random A, zero B) depends only on the
+    architecture, so DPO's is built on the base: a coordinator under secure aggregation never
+    holds the SFT consortium model; a full DPO starts from that model's own tensors."""
     from cmevlm.train.lora import trainable_state
 
-    model, _ = trainable_model(cfg)
+    lora = cfg.federation.trainable == "lora"
+    model, _ = trainable_model(cfg, phase, on=cfg.model.base if lora else None)
     return OrderedDict((k, v.float()) for k, v in trainable_state(model).items())
 
 
@@ -64,24 +88,26 @@ def from_numpy(params: dict) -> dict:
     return {k: torch.as_tensor(v).float() for k, v in params.items()}
 
 
-def save_model(cfg: RunConfig, state: dict, out_uri: str) -> dict:
-    """The consortium model as a loadable directory at `out_uri`: an adapter directory (its
-    base = model.base) for lora, a whole model for full. Returns its manifest."""
+def save_model(cfg: RunConfig, state: dict, phase: str = "sft") -> dict:
+    """A phase's consortium model as a loadable directory at OUTPUT[phase] under the workdir:
+    an adapter directory (its base = the phase's base) for lora, a whole model for full.
+    Returns its manifest."""
+    from cmevlm.storage import stage_uri
     from cmevlm.train import lora
     from cmevlm.train.lora import load_trainable_state
 
-    model, processor = trainable_model(cfg)
+    model, processor = trainable_model(cfg, phase)
     load_trainable_state(model, state)
-    st = Storage(cfg.storage)
+    st, out_uri = Storage(cfg.storage), stage_uri(cfg, OUTPUT[phase])
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if lora.is_adapter_dir(tmp):
-            lora.set_base(Path(tmp), cfg.model.base)
+            lora.set_base(Path(tmp), base_of(federated_cfg(cfg, phase), phase))
         st.delete(out_uri)
         st.upload_dir(tmp, out_uri)
-    return st.write_manifest(out_uri, stage="federated", created_unix=time.time(), trainable=cfg.federation.trainable, tensors=len(state),
-                             values=sum(int(v.numel()) for v in state.values()))
+    return st.write_manifest(out_uri, stage="federated", phase=phase, created_unix=time.time(), trainable=cfg.federation.trainable,
+                             tensors=len(state), values=sum(int(v.numel()) for v in state.values()))
 
 
 class TrainableState(nn.Module):

@@ -34,10 +34,20 @@ def train_loop(config: dict) -> None:
     scratch = common.scratch_dir("dpo")
     args = DPOConfig(**common.trainer_kwargs(t, scratch), beta=t.beta, loss_type=[t.loss_type], max_length=t.max_length)
     policy_dir = str(local_model_dir(config["policy"], cfg.storage))  # TRL reloads the reference from it
-    model, processor, counts = common.load_trainable(cfg, t, policy_dir, config["freeze"])
+    model, processor, counts = common.load_trainable(cfg, t, policy_dir, config["freeze"], config.get("init"))
     dataset = common.load_dataset(Storage(cfg.storage), config["data"])
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=processor)
-    common.train_and_report(trainer, t, "dpo", counts, scratch)
+    common.train_and_report(trainer, t, "dpo", counts, scratch, keep_trainable=bool(config.get("init")))
+
+
+def local_round(cfg: RunConfig, init: str, name: str) -> tuple[bytes, dict]:
+    """One federated DPO round at a site: `cfg.dpo` from the global trainable tensors in
+    `init`; policy and reference = `dpo.model` (the consortium's SFT model), which the round's
+    tensors update in the policy only (TRL reloads the reference from its directory, or turns
+    the adapter off). Returns (the trained tensors as safetensors bytes, the final marker)."""
+    t = cfg.dpo
+    return common.local_round(cfg, t, name, train_loop, {"cfg": cfg.model_dump_json(), "policy": stage_uri(cfg, t.model),
+                                                        "data": stage_uri(cfg, t.data), "freeze": t.freeze or "dpo", "init": init})
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:

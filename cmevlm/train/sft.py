@@ -14,7 +14,6 @@ The result is exported to `<workdir>/models/sft/` in Hugging Face format.
 
 from __future__ import annotations
 
-import json
 import logging
 
 from cmevlm.config import RunConfig
@@ -42,23 +41,12 @@ def train_loop(config: dict) -> None:
 
 
 def local_round(cfg: RunConfig, init: str, name: str) -> tuple[bytes, dict]:
-    """One federated round at a site: `cfg.sft` (its max_steps = the round's local steps)
+    """One federated SFT round at a site: `cfg.sft` (its max_steps = the round's local steps)
     from the global trainable tensors in `init`, through the same Ray Train stage as `run`.
-    Returns (the trained tensors as safetensors bytes, the final marker)."""
-    t, data = cfg.sft, stage_uri(cfg, cfg.sft.data)
-    policy = t.freeze or "sft"
-    result = common.fit(cfg, t, name, train_loop, {"cfg": cfg.model_dump_json(), "base": cfg.model.base, "data": data,
-                                                   "freeze": policy, "init": init})
-    if result.checkpoint is None:
-        raise RuntimeError(f"{name}: training ended without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        with open(f"{d}/{common.TRAINABLE}", "rb") as f:
-            trained = f.read()
-        with open(f"{d}/{common.FINAL_MARKER}") as f:
-            final = json.load(f)
-        with open(f"{d}/metrics.jsonl") as f:
-            losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
-    return trained, {**final, "loss": losses[-1] if losses else None}
+    Returns (the trained tensors as safetensors bytes, the final marker with the last loss)."""
+    t = cfg.sft
+    return common.local_round(cfg, t, name, train_loop, {"cfg": cfg.model_dump_json(), "base": cfg.model.base,
+                                                        "data": stage_uri(cfg, t.data), "freeze": t.freeze or "sft", "init": init})
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
