@@ -32,16 +32,17 @@ def _cfg(workdir, base, synth_dir, fed: dict, site: str | None, *extra):
                                   f"federation={json.dumps(fed)}", *extra])
 
 
-@pytest.fixture(scope="module")
-def consortium(taught, tmp_path_factory, tiny_model_dir, synth_dir):
-    root = tmp_path_factory.mktemp("consortium")
-    fed = {"kits": str(root / "kits"), "port": free_port()}
+def _federate(root, taught, tiny_model_dir, synth_dir, **fed):
+    """A coordinator and the two sites under `root`, federated: (coordinator, sites, summary).
+    site-b holds the second half of the examples: FedAvg must weight it less, and it samples
+    other items."""
+    fed = {"kits": str(root / "kits"), "port": free_port(), **fed}
     sites = []
     for i, name in enumerate(SITES):
         work = root / name
         for sub in ("frames", "sft"):
             shutil.copytree(taught / sub, work / sub)
-        if i == 1:  # site-b holds the second half of the examples: FedAvg must weight it half, and it samples other items
+        if i == 1:
             st = Storage()
             rows = st.read_parquet(str(work / "sft/train"))
             shutil.rmtree(work / "sft/train")
@@ -49,8 +50,12 @@ def consortium(taught, tmp_path_factory, tiny_model_dir, synth_dir):
             st.write_manifest(str(work / "sft"), stage="teach")
         sites.append(_cfg(work, tiny_model_dir, synth_dir, fed, name))
     coord = _cfg(root / "coordinator", tiny_model_dir, synth_dir, fed, None)
-    summary = demo.federate(coord, sites)
-    return coord, sites, summary
+    return coord, sites, demo.federate(coord, sites)
+
+
+@pytest.fixture(scope="module")
+def consortium(taught, tmp_path_factory, tiny_model_dir, synth_dir):
+    return _federate(tmp_path_factory.mktemp("consortium"), taught, tiny_model_dir, synth_dir)
 
 
 def _sent(site_cfg) -> list[dict]:
@@ -222,22 +227,8 @@ def test_federate_provision_writes_kits_and_secret_manifests(tmp_path):
 
 @pytest.fixture(scope="module")
 def encrypted_consortium(taught, tmp_path_factory, tiny_model_dir, synth_dir):
-    root = tmp_path_factory.mktemp("encrypted")
-    fed = {"kits": str(root / "kits"), "port": free_port(), "secure_aggregation": True, "dpo_rounds": 0, "local_steps": 1}
-    sites = []
-    for i, name in enumerate(SITES):
-        work = root / name
-        for sub in ("frames", "sft"):
-            shutil.copytree(taught / sub, work / sub)
-        if i == 1:  # other data, other weight
-            st = Storage()
-            rows = st.read_parquet(str(work / "sft/train"))
-            shutil.rmtree(work / "sft/train")
-            st.write_parquet(str(work / "sft/train/part-00000.parquet"), rows.slice(rows.num_rows // 2))
-            st.write_manifest(str(work / "sft"), stage="teach")
-        sites.append(_cfg(work, tiny_model_dir, synth_dir, fed, name))
-    coord = _cfg(root / "coordinator", tiny_model_dir, synth_dir, fed, None)
-    return coord, sites, demo.federate(coord, sites)
+    return _federate(tmp_path_factory.mktemp("encrypted"), taught, tiny_model_dir, synth_dir,
+                     secure_aggregation=True, dpo_rounds=0, local_steps=1)
 
 
 def _decrypted(site_cfg) -> list[dict]:
