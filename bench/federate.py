@@ -67,13 +67,9 @@ def baseline(cfgs: list) -> list[float]:
     twice."""
     import multiprocessing
 
-    from safetensors.torch import save
+    from cmevlm.federation.coordinator import write_initial
 
-    from cmevlm.federation.state import initial_state
-    from cmevlm.storage import Storage
-
-    init = f"{cfgs[0].workdir}/bench/initial.safetensors"
-    Storage().write_bytes(init, save(dict(initial_state(cfgs[0]))))
+    init = write_initial(cfgs[0])  # the tensors a coordinator starts round 1 with
     times = []
     with multiprocessing.get_context("spawn").Pool(len(cfgs)) as pool:
         for i in range(3):

@@ -428,7 +428,7 @@ def _service_commands(sub) -> None:
 
 def _federation_commands(sub) -> None:
     """federate, site: the consortium on NVIDIA FLARE."""
-    p = sub.add_parser("federate", help="the consortium's coordinator: FedAvg rounds of the sites' SFT on NVIDIA FLARE",
+    p = sub.add_parser("federate", help="the consortium's coordinator: FedAvg rounds of the sites' SFT, then DPO, on NVIDIA FLARE",
                        description="Start NVIDIA FLARE's server from the coordinator's startup kit (gRPC, mutual TLS), submit a "
                        "FedAvg job over federation.sites (federation.rounds rounds of federation.local_steps local SFT steps, "
                        "weighted by example counts, then a distribution round in which each site evaluates and keeps the model), "
@@ -449,7 +449,7 @@ def _federation_commands(sub) -> None:
                        "this site's data through its own Ray cluster and sends only trainable parameters and counts, each "
                        "recorded in <workdir>/federation/audit.jsonl before it leaves.")
     _config_args(p)
-    p.add_argument("--once", action="store_true", help="stop after this site has kept the consortium model of one job")
+    p.add_argument("--once", action="store_true", help="stop after this site has kept the consortium's last model (after DPO with federation.dpo_rounds)")
     p.set_defaults(func=cmd_site)
 
 

@@ -165,7 +165,9 @@ def submit(cfg: RunConfig, initial: str, phase: str = "sft") -> dict:
 def submit_all(cfg: RunConfig, initial: str | None = None) -> dict:
     """The consortium's jobs in order, SFT then (federation.dpo_rounds > 0) DPO from the SFT
     result; writes <workdir>/consortium/federation.json and returns it."""
-    phases = ("sft", "dpo") if cfg.federation.dpo_rounds else ("sft",)
+    from cmevlm.federation.state import last_phase
+
+    phases = ("sft", "dpo") if last_phase(cfg) == "dpo" else ("sft",)
     jobs = {}
     for phase in phases:
         jobs[phase] = submit(cfg, initial if phase == "sft" and initial else write_initial(cfg, phase), phase)

@@ -124,12 +124,12 @@ def federate(coord: RunConfig, cfgs: list[RunConfig]) -> dict:
     """The coordinator and the three sites as their own processes, the SFT job then the DPO job
     (skipped when the coordinator has written its summary and last model)."""
     from cmevlm.federation import coordinator, kits, processes, site
-    from cmevlm.federation.state import OUTPUT
+    from cmevlm.federation.state import OUTPUT, last_phase
     from cmevlm.storage import Storage, join
 
     st = Storage(coord.storage)
     done = join(coord.workdir, "consortium", "federation.json")
-    if st.exists(done) and st.is_complete(join(coord.workdir, OUTPUT["dpo" if coord.federation.dpo_rounds else "sft"])):
+    if st.exists(done) and st.is_complete(join(coord.workdir, OUTPUT[last_phase(coord)])):
         log.info("federate: %s exists, skipped", done)
         return st.read_json(done)
 

@@ -44,9 +44,9 @@ def start(cfg: RunConfig):
 def kept_since(cfg: RunConfig, t0: float) -> bool:
     """Whether this site has kept the consortium's last model (DPO's with federation.dpo_rounds,
     else SFT's) written after `t0`."""
-    from cmevlm.federation.state import OUTPUT
+    from cmevlm.federation.state import OUTPUT, last_phase
 
-    m = Storage(cfg.storage).read_manifest(join(cfg.workdir, OUTPUT["dpo" if cfg.federation.dpo_rounds else "sft"]))
+    m = Storage(cfg.storage).read_manifest(join(cfg.workdir, OUTPUT[last_phase(cfg)]))
     return bool(m) and m.get("created_unix", 0) >= t0
 
 

@@ -66,10 +66,10 @@ def distribute(cfg, state: dict, phase: str) -> dict:
 
 
 def examples(cfg, phase: str) -> int:
+    from cmevlm.federation.state import stage_of
     from cmevlm.storage import Storage, stage_uri
 
-    t = cfg.sft if phase == "sft" else cfg.dpo
-    return Storage(cfg.storage).read_parquet(stage_uri(cfg, t.data), columns=["item_id"]).num_rows
+    return Storage(cfg.storage).read_parquet(stage_uri(cfg, stage_of(cfg, phase).data), columns=["item_id"]).num_rows
 
 
 def answer(cfg, received, phase: str, state: dict, ready: dict) -> tuple[dict, dict]:
@@ -115,12 +115,13 @@ def main() -> None:
     connect(cfg.ray)
     flare.init()
     ready: dict = {}
+    n = 0
     while flare.is_running():
         received = flare.receive()
         if received is None:
             break
         out, metrics = answer(cfg, received, phase, from_numpy(received.params), ready)
-        n = examples(cfg, phase)
+        n = n or examples(cfg, phase)  # once per job: DPO's pairs exist after its first round
         log.info("site %s %s round %d/%d: %s", cfg.federation.site, phase, received.current_round + 1, received.total_rounds, metrics)
         flare.send(flare.FLModel(params={k: v.float() for k, v in out.items()}, metrics={**metrics, "stage": phase, "examples": n},
                                  meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: n}))

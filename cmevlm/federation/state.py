@@ -24,6 +24,11 @@ TRAINING_PHASES = ("sft", "dpo")
 OUTPUT = {"sft": "models/federated", "dpo": "models/federated-dpo"}  # what each phase's sites keep, under the workdir
 
 
+def last_phase(cfg: RunConfig) -> str:
+    """The phase whose model the sites keep last: dpo with federation.dpo_rounds, else sft."""
+    return "dpo" if cfg.federation.dpo_rounds else "sft"
+
+
 def stage_of(c: RunConfig, phase: str):
     return c.sft if phase == "sft" else c.dpo
 
