@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--bytes-only", action="store_true", help="only the bytes per round (no training)")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="cmevlm-bench-federate-"))
-    build_tiny_model(root / "models/base", seed=0, max_pixels=168 * 168)
+    build_tiny_model(root / "models/base", seed=0)
     cfg, cfgs, coord = sites(root, a.rounds, a.local_steps)
     if a.bytes_only:
         print_bytes(cfgs[0])

@@ -37,7 +37,7 @@ from cmevlm.storage import Storage, join  # noqa: E402
 def single_process(cfg) -> int:
     """The stage's work in one process, no Ray."""
     st = Storage(cfg.storage)
-    records, _ = list_sources(st, cfg.sources)
+    records, _, _ = list_sources(st, cfg.sources)
     per_proc = {}
     for r in records:
         per_proc.setdefault((r["site"], r["procedure_id"]), Counter()).update(m["structure"] for m in r["masks"])

@@ -53,7 +53,7 @@ def main() -> None:
 
     path = build_tiny_model(Path(tempfile.mkdtemp()) / "m", max_pixels=168 * 168)
     model, proc = load(RunConfig(), str(path))
-    settings = [Setting(s.temperature, s.top_p, s.seed) for s in SampleConfig().settings]
+    settings = [Setting.of(s) for s in SampleConfig().settings]
     data = items(args.items)
 
     t0 = time.perf_counter()

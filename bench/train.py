@@ -70,7 +70,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     write_dataset(tmp / "src", procedures=6, frames_per_procedure=20, seed=0)
-    build_tiny_model(tmp / "base", max_pixels=168 * 168)
+    build_tiny_model(tmp / "base")
     cfg = load_config(overrides=[
         f"workdir={tmp / 'run'}", f"sources=[{{uri: '{tmp / 'src'}'}}]", f"model.base={tmp / 'base'}", "data.image_size=168",
         "sft.num_workers=1", f"sft.max_steps={args.steps}", f"sft.per_device_batch_size={args.batch}",

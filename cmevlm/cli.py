@@ -115,11 +115,13 @@ def cmd_tiny_model(args) -> int:
 
     corpus = Path(args.corpus).read_text().splitlines() if args.corpus else None
     like = json.loads(Path(args.like).read_text()) if args.like else None
-    out = build_tiny_model(args.out, seed=args.seed, corpus=corpus, max_pixels=args.image_tokens * 28 * 28, like=like,
+    cap = args.max_image_tokens * 28 * 28 if args.max_image_tokens else None
+    out = build_tiny_model(args.out, seed=args.seed, corpus=corpus, max_pixels=cap, like=like,
                            **({"layers": args.layers, "vision_depth": args.vision_depth} if like else {}))
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     what = f"random Qwen2.5-VL with the widths of {args.like}, {args.layers} + {args.vision_depth} layers" if like else "tiny Qwen2.5-VL"
-    print(f"{out}: {what}, {args.image_tokens} image tokens, {size / 1e6:.1f} MB")
+    tokens = f"at most {args.max_image_tokens} image tokens" if cap else "image tokens from the image size, as the real model"
+    print(f"{out}: {what}, laid out as Qwen2.5-VL-7B-Instruct, {tokens}, {size / 1e6:.1f} MB")
     return 0
 
 
@@ -367,12 +369,15 @@ def _tool_commands(sub) -> None:
 
     p = sub.add_parser("tiny-model", help="build a tiny random Qwen2.5-VL with a locally trained tokenizer",
                        description="Build a few-MB random-weight Qwen2.5-VL (same architecture as the real one), "
-                       "a byte-level BPE tokenizer trained on CME text, TRL's chat template and an image processor; "
-                       "saved in Hugging Face format. For tests and the offline demo.")
+                       "a byte-level BPE tokenizer trained on CME text, saved with every file of the real "
+                       "Qwen2.5-VL-7B-Instruct repository split the same way (chat templates, generation and preprocessor "
+                       "settings, sharded weights). For tests and the offline demo.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     p.add_argument("--corpus", default=None, help="extra text file (one line each) to train the tokenizer on")
-    p.add_argument("--image-tokens", type=int, default=36, help="image tokens per image: 16, 36, 64... (default 36)")
+    p.add_argument("--max-image-tokens", type=int, default=None,
+                   help="cap image tokens per image (max_pixels; default: the real model's cap, so data.image_size decides: "
+                   "168 px -> 36)")
     p.add_argument("--like", metavar="CONFIG_JSON", default=None,
                    help="a real config.json (e.g. configs/models/qwen2.5-vl-7b-instruct.json): its widths and vocabulary, "
                    "random bf16 weights, fewer layers (real size on CPU)")

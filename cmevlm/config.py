@@ -228,6 +228,7 @@ class SamplingSetting(_Section):
     temperature: float = Field(gt=0, description="Sampling temperature.")
     top_p: float = Field(gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(description="Torch seed of this setting's generate call.")
+    top_k: int = Field(0, ge=0, description="Top-k filter (0 = none).")
 
 
 def _default_settings() -> list[SamplingSetting]:
@@ -328,6 +329,7 @@ class ModelConfig(_Section):
     export_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of exported models' weights (config.json says so); bf16 halves a 7B from 30.9 to 15.4 GiB.")
     export_shard_gb: float = Field(4.0, gt=0, description="Largest safetensors shard the export writes, in GiB.")
     export_memory_gb: float = Field(2.0, gt=0, description="Ray memory the export task asks for, in GiB: it streams tensors in small chunks, so this does not grow with the model.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Repetition penalty of every generate call (sample, evaluate, serve, federated scoring); 1.0 = none. Stated on every call: the model's generation_config.json (the real Qwen2.5-VL's says 1.05) is never used implicitly.")
 
 
 class PlanConfig(_Section):

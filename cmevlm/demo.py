@@ -46,7 +46,7 @@ def run(cfg: RunConfig, procedures: int = 24, frames_per_procedure: int = 30) ->
     if (base / "config.json").exists():
         log.info("tiny-model: %s exists, skipped", base)
     else:
-        build_tiny_model(base, seed=cfg.seed, max_pixels=cfg.data.image_size**2)
+        build_tiny_model(base, seed=cfg.seed)
         log.info("tiny-model: built %s", base)
     summary["base_model"] = str(base)
     # ---- the pipeline's stages, then Table 1

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from cmevlm.assembly import write_quarantine
 from cmevlm.config import RunConfig
-from cmevlm.data.composite import BadInput, build_composites, decode_frame, decode_mask, encode_png, mask_geometry
+from cmevlm.data.composite import EMPTY_MASK, BadInput, build_composites, decode_frame, decode_mask, encode_png, mask_geometry
 from cmevlm.data.sources import list_sources, quarantine_entry
 from cmevlm.data.splits import assign_splits
 from cmevlm.errors import ConfigError
@@ -49,6 +49,12 @@ WORKER_SCHEMA = ROW_SCHEMA.append(pa.field("reason", pa.string())).append(pa.fie
 # The transform: plain Python, no Ray
 
 
+# A multilabel mask with no foreground: the structure is not in that frame. Skipped and counted,
+# never quarantined (nothing is wrong with the file).
+SKIP = "skipped: "
+SKIPPED_ABSENT = SKIP + "structure not in this frame (empty multilabel mask)"
+
+
 def failed_frame(record: dict, reason: str) -> list[dict]:
     """Quarantine rows for every item of a frame that failed as a whole."""
     base = {k: record[k] for k in ("source_uri", "procedure_id", "site", "laterality", "phase", "frame_id", "split")}
@@ -67,14 +73,14 @@ def process_frame(record: dict, frame_bytes: bytes | None, mask_bytes: list[byte
     except BadInput as e:
         return [{**o, "reason": str(e), "path": record["frame_uri"]} for o in outs]
     good, masks = [], []
-    for o, data in zip(outs, mask_bytes):
+    for o, data, m in zip(outs, mask_bytes, record["masks"]):
         try:
             if data is None:
                 raise BadInput("cannot read mask file")
             masks.append(decode_mask(data, frame.shape[:2], cfg.ingest.binarize_multivalue_masks, cfg.ingest.max_image_pixels))
             good.append(o)
         except BadInput as e:
-            o["reason"] = str(e)
+            o["reason"] = SKIPPED_ABSENT if str(e) == EMPTY_MASK and m.get("absent_ok") else str(e)
     for o, m, (comp, bin_mask) in zip(good, masks, build_composites(frame, masks, d.image_size, d.resize, d.overlay_color, d.overlay_alpha)):
         g = mask_geometry(m)
         o.update(
@@ -114,10 +120,10 @@ class FrameWorker:
 # The stage
 
 
-def list_and_split(st: Storage, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
-    """Every frame record with its split, and what listing already quarantined (on the driver:
-    names and metadata only)."""
-    records, quarantine = list_sources(st, cfg.sources)
+def list_and_split(st: Storage, cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every frame record with its split, and what listing already quarantined or skipped (on
+    the driver: names and metadata only)."""
+    records, quarantine, skipped = list_sources(st, cfg.sources)
     per_proc: dict[tuple[str, str], Counter] = {}
     for r in records:
         per_proc.setdefault((r["site"], r["procedure_id"]), Counter()).update(m["structure"] for m in r["masks"])
@@ -125,13 +131,14 @@ def list_and_split(st: Storage, cfg: RunConfig) -> tuple[list[dict], list[dict]]
     for r in records:
         r["split"] = splits[(r["site"], r["procedure_id"])]
     n_items = sum(len(r["masks"]) for r in records)
-    log.info("ingest: %d frames, %d items from %d sources; %d quarantined while listing", len(records), n_items, len(cfg.sources), len(quarantine))
-    return records, quarantine
+    log.info("ingest: %d frames, %d items from %d sources; %d quarantined, %d skipped while listing", len(records), n_items,
+             len(cfg.sources), len(quarantine), len(skipped))
+    return records, quarantine, skipped
 
 
-def transform(st: Storage, cfg: RunConfig, records: list[dict], out: str, quarantine: list[dict]) -> Counter:
+def transform(st: Storage, cfg: RunConfig, records: list[dict], out: str, quarantine: list[dict], skipped: list[dict]) -> Counter:
     """Read, composite and write the shards with Ray Data; returns the accepted counts per
-    (split, structure) and appends the rejected items to `quarantine`."""
+    (split, structure) and appends the rejected items to `quarantine`, the skipped to `skipped`."""
     ray = _ray(cfg)
     blocks = max(1, min(len(records) // cfg.ingest.batch_size, 200))
     result = ray.data.from_items(records, override_num_blocks=blocks).map_batches(
@@ -149,7 +156,8 @@ def transform(st: Storage, cfg: RunConfig, records: list[dict], out: str, quaran
         if row["reason"] is None:
             accepted[(row["split"], row["structure"])] += 1
         else:
-            quarantine.append(quarantine_entry(row["source_uri"], row["reason"], **{k: row[k] for k in ("procedure_id", "frame_id", "structure", "item_id", "path")}))
+            entry = quarantine_entry(row["source_uri"], row["reason"], **{k: row[k] for k in ("procedure_id", "frame_id", "structure", "item_id", "path")})
+            (skipped if row["reason"].startswith(SKIP) else quarantine).append(entry)
     from ray.data.expressions import col
 
     fs, path = st.resolve(join(out, "shards"))
@@ -170,8 +178,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         raise ConfigError("ingest: no sources configured (set `sources:` in the config)")
     st.delete(out)  # whatever an interrupted attempt left
     t0 = time.time()
-    records, quarantine = list_and_split(st, cfg)
-    accepted = transform(st, cfg, records, out, quarantine) if records else Counter()
+    records, quarantine, skipped = list_and_split(st, cfg)
+    accepted = transform(st, cfg, records, out, quarantine, skipped) if records else Counter()
     qfile = write_quarantine(st, cfg.workdir, "ingest", quarantine)  # then the manifest, last: it marks the stage complete
     by_split = Counter()
     for (split, _), n in accepted.items():
@@ -180,6 +188,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         out, st.list_files(join(out, "shards"), ".parquet"), stage="ingest", accepted=sum(accepted.values()),
         quarantined=len(quarantine), splits=dict(by_split), structures={f"{sp}/{s}": n for (sp, s), n in sorted(accepted.items())},
         quarantine_reasons=dict(Counter(_reason_kind(q["reason"]) for q in quarantine)),
+        skipped=len(skipped), skipped_reasons=dict(Counter(q["reason"] for q in skipped)),
         data=cfg.data.model_dump(mode="json"), seconds=round(time.time() - t0, 2),
     )
     log.info("ingest: %d accepted, %d quarantined (%s) in %.1f s -> %s", manifest["accepted"], len(quarantine), qfile, time.time() - t0, out)

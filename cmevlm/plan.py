@@ -318,7 +318,9 @@ def make_plan(cfg: RunConfig, stages: tuple[str, ...] = (*TRAIN_STAGES, *INFER_S
         plans.append(p)
     export = export_plan(cfg, s)
     pods = pod_checks(cfg, s, values) if values else []
+    image_tokens, patches = image_sizes(cfg, s)
     return {"model": {"config": config_path(cfg), "parameters": s.params, "total": s.total},
+            "images": {"side": cfg.data.image_size, "image_tokens": image_tokens, "vision_patches": patches},
             "stages": [p.as_dict() for p in plans], "export": export, "pods": pods,
             "fits": all(p.fits for p in plans) and export["fits"] and all(c["fits"] for c in pods)}
 
@@ -400,6 +402,9 @@ def render(plan: dict) -> str:
     p = plan["model"]["parameters"]
     lines = [f"model {plan['model']['config']}: {plan['model']['total'] / 1e9:.2f} B parameters "
              f"(vision {p['vision'] / 1e9:.3f} B, merger {p['merger'] / 1e9:.3f} B, language model {p['lm'] / 1e9:.3f} B)",
+             *([f"each request's image: {plan['images']['side']} x {plan['images']['side']} px (data.image_size; every stage and "
+                f"serve bring images to it) = {plan['images']['image_tokens']} image tokens, {plan['images']['vision_patches']} vision patches"]
+               if plan.get("images") else []),
              f"{'stage':<9}{'runs on':<14}{'need/GPU':>10}{'has':>8}  fits  parts (GiB)"]
     for st in plan["stages"]:
         where = f"{st['device']} x{st['workers']}" if st["workers"] > 1 else st["device"]

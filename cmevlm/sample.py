@@ -31,10 +31,12 @@ ANSWER = pa.struct([("setting", pa.string()), ("temperature", pa.float64()), ("t
 SAMPLES_SCHEMA = pa.schema([("item_id", pa.string()), ("answers", pa.list_(ANSWER)), ("generation_s", pa.float64())])
 
 
-def sample_items(model, processor, items: list[dict], settings: list[Setting], max_new_tokens: int) -> list[dict]:
-    """Five answers per item, one batched generate call per setting. Identical answers are
-    kept and marked `duplicate` (all but the first of a kind)."""
-    images = [decode_image(it["image"]) for it in items]
+def sample_items(model, processor, items: list[dict], settings: list[Setting], max_new_tokens: int,
+                 geometry: tuple[int, str] | None = None) -> list[dict]:
+    """Five answers per item, one batched generate call per setting, images brought to the
+    model's training `geometry`. Identical answers are kept and marked `duplicate` (all but the
+    first of a kind)."""
+    images = [decode_image(it["image"], geometry) for it in items]
     prompts = [it["prompt"] for it in items]
     t0 = time.time()
     per_setting = [generate(model, processor, images, prompts, max_new_tokens, s) for s in settings]
@@ -55,17 +57,18 @@ class SampleWorker:
     """Callable class for `map_batches`: one model replica per actor."""
 
     def __init__(self, cfg_json: str, model_uri: str, parts_uri: str):
-        from cmevlm.model.loading import load
+        from cmevlm.model.loading import image_geometry, load
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         s = self.cfg.sample
         self.model, self.processor = load(self.cfg, model_uri, dtype=s.dtype, num_gpus=s.num_gpus_per_actor)
-        self.settings = [Setting(s.temperature, s.top_p, s.seed) for s in self.cfg.sample.settings]
+        self.geometry = image_geometry(self.cfg, model_uri)
+        self.settings = [Setting.of(s, self.cfg.model.repetition_penalty) for s in self.cfg.sample.settings]
         self.storage, self.parts = Storage(self.cfg.storage), parts_uri
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
-        rows = sample_items(self.model, self.processor, items, self.settings, self.cfg.sample.max_new_tokens)
+        rows = sample_items(self.model, self.processor, items, self.settings, self.cfg.sample.max_new_tokens, self.geometry)
         self.storage.write_parquet(part_uri(self.parts, [it["item_id"] for it in items]), pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
         return pa.table({"item_id": [it["item_id"] for it in items]})
 

@@ -52,9 +52,9 @@ def test_synth_twice_is_byte_identical(tmp_path):
 
 
 def test_tiny_model_command(tmp_path):
-    r = cmevlm("tiny-model", "--out", str(tmp_path / "m"), "--image-tokens", "16")
-    assert "16 image tokens" in r.stdout
-    assert (tmp_path / "m/model.safetensors").exists()
+    r = cmevlm("tiny-model", "--out", str(tmp_path / "m"), "--max-image-tokens", "16")
+    assert "at most 16 image tokens" in r.stdout and "laid out as Qwen2.5-VL-7B-Instruct" in r.stdout
+    assert (tmp_path / "m/model.safetensors.index.json").exists() and (tmp_path / "m/chat_template.json").exists()
 
 
 def test_config_errors_exit_2_with_a_clear_message():

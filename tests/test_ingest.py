@@ -136,3 +136,30 @@ def test_dsad_layout(ray_local, tmp_path):
     assert {(r["structure"], r["in_cme_set"]) for r in rows} == {("pancreas", True), ("stomach", False), ("liver", False)}
     assert sum(r["split"] == "test" for r in rows) == 1
     assert pq.ParquetFile(Storage().list_files(join(cfg.workdir, "frames", "shards"), ".parquet")[0]).schema_arrow.field("composite")
+
+
+def test_ingest_strict_passes_on_the_real_dsad_tree(tmp_path):
+    """`cmevlm ingest --strict` on a tree laid out as the published DSAD: every structure folder
+    and every present multilabel mask is an item; empty multilabel masks (the structure is not
+    in that frame) and the weak labels CSV are skipped and counted, nothing is quarantined."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_sources import write_dsad_tree
+
+    present = write_dsad_tree(tmp_path / "dsad", surgeries=("01", "02", "03"), frames=1)
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "cmevlm.cli", "ingest", "--strict", "--set", f"workdir={run}",
+                        "--set", f"sources=[{{uri: '{tmp_path / 'dsad'}', layout: dsad, site: dresden}}]",
+                        "--set", "data.image_size=56", "--set", "ray.num_cpus=2"],
+                       capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = Storage().read_manifest(str(run / "frames"))
+    n_present = sum(len(p) for p in present.values())
+    assert manifest["quarantined"] == 0
+    assert manifest["accepted"] == 11 * 3 + n_present
+    assert manifest["skipped"] == 1 + (11 * 3 - n_present)
+    rows = Storage().read_parquet(str(run / "frames/shards"), columns=["procedure_id", "frame_id", "structure"]).to_pylist()
+    multi = {(r["procedure_id"], r["structure"]) for r in rows if r["frame_id"] == "multilabel_1"}
+    assert multi == {(f"surgery_{nn}", s) for (nn, _), here in present.items() for s in here}

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from cmevlm.model.loading import load_model, load_processor
+from cmevlm.model import adapters
 from cmevlm.train import dpo, lora, sft
 from cmevlm.train.freeze import component
 from test_train import _cfg, _copy, _preferences
@@ -34,9 +35,9 @@ def _logits(model, processor, image):
 def test_sft_lora_trains_only_the_adapter(lora_run, tiny_model_dir):
     workdir, manifest = lora_run
     out = workdir / "models/sft"
-    assert lora.is_adapter_dir(out) and (out / "merged/config.json").exists()
-    assert lora.base_of(out) == str(tiny_model_dir)
-    adapter = load_file(out / lora.ADAPTER_WEIGHTS)
+    assert adapters.is_adapter_dir(out) and (out / "merged/config.json").exists()
+    assert adapters.base_of(out) == str(tiny_model_dir)
+    adapter = load_file(out / adapters.ADAPTER_WEIGHTS)
     assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
     assert not any(component(k.removeprefix("base_model.model.")) == "vision" for k in adapter)  # sft policy
@@ -78,8 +79,8 @@ def test_dpo_lora_on_the_sft_adapter_uses_it_as_reference(lora_run, tmp_path, ti
     rows = [json.loads(x) for x in (workdir / "models/dpo/metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # reference = policy with the adapter off
     out = workdir / "models/dpo"
-    assert lora.is_adapter_dir(out) and not (out / "merged").exists()
-    assert lora.base_of(out) == str(workdir / "models/sft")  # an adapter on the SFT adapter
+    assert adapters.is_adapter_dir(out) and not (out / "merged").exists()
+    assert adapters.base_of(out) == str(workdir / "models/sft")  # an adapter on the SFT adapter
     assert m["parameters"]["vision"]["trainable"] > 0  # the dpo policy adapts every component
     load_model(str(out))  # base (itself adapter + base) + adapter
 

@@ -126,7 +126,7 @@ def test_real_width_model_loads_in_bf16_through_the_one_helper_and_samples_a_bat
     assert model.dtype == torch.bfloat16
     image = encode_png(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8))
     items = [{"item_id": f"i{i}", "image": image, "prompt": "Identify the highlighted anatomical structure."} for i in range(2)]
-    settings = [Setting(s.temperature, s.top_p, s.seed) for s in SampleConfig().settings]
+    settings = [Setting.of(s) for s in SampleConfig().settings]
     rows = sample_items(model, proc, items, settings, max_new_tokens=4)
     assert [len(r["answers"]) for r in rows] == [5, 5]
     assert all(1 <= a["n_tokens"] <= 4 for r in rows for a in r["answers"])

@@ -1,9 +1,13 @@
 import json
+import re
+
+import pytest
 
 import torch
 from PIL import Image
 
 from cmevlm.config import StorageConfig
+from cmevlm.model import layout
 from cmevlm.model.loading import load_model, load_processor
 from cmevlm.model.tiny import SPECIAL_TOKENS
 from cmevlm.storage import Storage
@@ -13,14 +17,51 @@ def _size(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_saved_in_hf_format_and_small(tiny_model_dir):
+# The files of the public Qwen/Qwen2.5-VL-7B-Instruct repository (docs/real-model.md), its five
+# weight shards written as one pattern: the fixture must have exactly these, split the same way.
+REAL_REPO_FILES = {
+    ".gitattributes", "README.md", "chat_template.json", "config.json", "generation_config.json", "merges.txt",
+    "model-NNNNN-of-NNNNN.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json",
+}
+SHARD = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def test_laid_out_as_the_real_repo(tiny_model_dir):
     names = {p.name for p in tiny_model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja", "processor_config.json"} <= names
+    shards = sorted(n for n in names if SHARD.match(n))
+    assert {SHARD.sub("model-NNNNN-of-NNNNN.safetensors", n) for n in names} == REAL_REPO_FILES
+    assert len(shards) > 1 and all(SHARD.match(n)[2] == f"{len(shards):05d}" for n in shards)
+    index = json.loads((tiny_model_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
     assert _size(tiny_model_dir) < 50e6
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
-    assert json.loads((tiny_model_dir / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    # The template split: the image-aware one only in chat_template.json, the text-only Qwen2.5
+    # one (with tools) in tokenizer_config.json; both as the real repo has them (TRL keeps them).
+    text, image = layout.reference_templates()
+    assert json.loads((tiny_model_dir / "chat_template.json").read_text()) == {"chat_template": image}
+    assert json.loads((tiny_model_dir / "tokenizer_config.json").read_text())["chat_template"] == text
+    assert "tools" in text and "image_pad" not in text and "image_pad" in image
+    gen = json.loads((tiny_model_dir / "generation_config.json").read_text())
+    assert {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")} == {
+        "do_sample": True, "temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05}
+    pre = json.loads((tiny_model_dir / "preprocessor_config.json").read_text())
+    assert pre == {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                   "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+
+
+def test_the_processor_template_is_found_as_transformers_finds_it(tiny_model_dir):
+    """The tokenizer's own template (text only) breaks on an image turn exactly as the real
+    repo's does; the processor's, found first, renders it."""
+    from transformers import AutoTokenizer
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Identify it."}]}]
+    with pytest.raises(TypeError, match="can only concatenate str"):
+        AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(turn, tokenize=False)
+    text = load_processor(str(tiny_model_dir)).apply_chat_template(turn, add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>Identify it." in text
 
 
 def test_auto_class_loads_it(tiny_model_dir):

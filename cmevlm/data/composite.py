@@ -30,6 +30,9 @@ class BadInput(ValueError):
 PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
+EMPTY_MASK = "empty mask (no foreground pixel)"
+
+
 def _open_checked(data: bytes, what: str, max_pixels: int | None):
     """The opened image, its size checked from the header before any pixel is decoded."""
     try:
@@ -75,7 +78,7 @@ def decode_mask(data: bytes, frame_shape: tuple[int, int], binarize_multivalue: 
         raise BadInput(f"mask has {len(values)} distinct values (expected 0 and one foreground value)")
     mask = arr > 0
     if not mask.any():
-        raise BadInput("empty mask (no foreground pixel)")
+        raise BadInput(EMPTY_MASK)
     return mask
 
 
@@ -114,6 +117,15 @@ def to_square(arr: np.ndarray, size: int, mode: str, resample: int) -> np.ndarra
     out = np.zeros((size, size, *arr.shape[2:]), np.uint8)
     out[top:top + nh, left:left + nw] = resized
     return out
+
+
+def fit_image(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """An RGB image brought to the size x size square the model was trained on, as ingest squares
+    its frames (bilinear, `pad` or `crop`); unchanged when it already is that square."""
+    img = img.convert("RGB")
+    if img.size == (size, size):
+        return img
+    return Image.fromarray(to_square(np.asarray(img), size, mode, Image.BILINEAR))
 
 
 def build_composites(frame: np.ndarray, masks: list[np.ndarray], size: int, mode: str, color, alpha: float):
@@ -167,7 +179,7 @@ def mask_geometry(mask: np.ndarray) -> Geometry:
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     if not len(xs):
-        raise BadInput("empty mask (no foreground pixel)")
+        raise BadInput(EMPTY_MASK)
     cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
     row, col = _ROWS[min(2, int(cy * 3))], _COLS[min(2, int(cx * 3))]
     region = "centre" if (row, col) == ("middle", "centre") else f"{row} {col}" if row != "middle" else f"middle {col}"

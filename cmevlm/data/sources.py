@@ -9,9 +9,17 @@ decoding happen later in parallel. A frame record is a plain dict:
 Layouts:
     cmevlm  <root>/procedures.csv, <root>/<procedure>/frames/<frame>.png,
             <root>/<procedure>/masks/<frame>/<structure>.png
-    dsad    <root>/<structure>/<nn>/image<k>.png with mask<k>.png beside it (Dresden Surgical
-            Anatomy Dataset). <nn> is the surgery, so it is the procedure; DSAD has no
-            laterality or phase (an optional procedures.csv keyed `surgery_<nn>` adds them).
+    dsad    the Dresden Surgical Anatomy Dataset as published: <root>/<structure>/<nn>/image<k>.png
+            with mask<k>.png beside it, for its eleven structure folders, and
+            <root>/multilabel/<nn>/image<k>.png with one mask<k>_<structure>.png per structure
+            (an item per mask; a mask with no foreground means the structure is absent from
+            that frame: ingest skips it, counted, never quarantined). <nn> is the surgery, so it
+            is the procedure; DSAD has no laterality or phase (both `unknown`; an optional
+            procedures.csv keyed `surgery_<nn>` adds them). Files the reader does not use (the
+            weak labels CSV, documentation) are skipped with a reason and counted.
+
+A mask record's `absent_ok` says an empty mask means "not in this frame" (skipped) rather than
+a broken file (quarantined).
 """
 
 from __future__ import annotations
@@ -55,8 +63,8 @@ def read_procedures(text: str) -> tuple[dict[str, dict], list[str]]:
     return rows, problems
 
 
-def list_source(storage: Storage, source: Source) -> tuple[list[dict], list[dict]]:
-    """(frame records, quarantine entries) of one source."""
+def list_source(storage: Storage, source: Source) -> tuple[list[dict], list[dict], list[dict]]:
+    """(frame records, quarantine entries, skipped entries) of one source."""
     root = source.uri.rstrip("/")
     if not storage.exists(root):
         raise MissingInput(f"source {root} does not exist")
@@ -64,7 +72,7 @@ def list_source(storage: Storage, source: Source) -> tuple[list[dict], list[dict
     files = [f.replace("\\", "/") for f in files]
     if source.layout == "dsad":
         return _list_dsad(storage, source, root, files)
-    return _list_cmevlm(storage, source, root, files)
+    return (*_list_cmevlm(storage, source, root, files), [])
 
 
 def _list_cmevlm(storage: Storage, source: Source, root: str, files: list[str]):
@@ -107,7 +115,7 @@ def _list_cmevlm(storage: Storage, source: Source, root: str, files: list[str]):
             elif structure not in STRUCTURES:
                 quarantine.append(quarantine_entry(root, f"unknown structure {structure!r}", procedure_id=pid, frame_id=fid, structure=structure, path=rel))
             else:
-                good.append({"structure": structure, "mask_uri": join(root, rel), "item_id": item_id(root, pid, fid, structure), "in_cme_set": True})
+                good.append(_mask(root, rel, pid, fid, structure, True, absent_ok=False))
         if good:
             site = meta.get("site") or source.site
             records.append(_record(source, root, site, pid, fid, join(root, frames[key]), meta["laterality"], meta["phase"], good))
@@ -115,18 +123,33 @@ def _list_cmevlm(storage: Storage, source: Source, root: str, files: list[str]):
 
 
 _DSAD = re.compile(r"^(?P<structure>[^/]+)/(?P<nn>[^/]+)/(?P<kind>image|mask)(?P<k>\d+)\.(?P<ext>png|jpe?g)$", re.I)
+_MULTI = re.compile(r"^multilabel/(?P<nn>[^/]+)/(?:image(?P<k>\d+)\.(?:png|jpe?g)|mask(?P<mk>\d+)_(?P<structure>[a-z_]+)\.png)$", re.I)
+MULTILABEL = "multilabel"
+
+
+def _mask(root: str, rel: str, pid: str, fid: str, structure: str, in_cme_set: bool, absent_ok: bool) -> dict:
+    return {"structure": structure, "mask_uri": join(root, rel), "item_id": item_id(root, pid, fid, structure),
+            "in_cme_set": in_cme_set, "absent_ok": absent_ok}
 
 
 def _list_dsad(storage: Storage, source: Source, root: str, files: list[str]):
     quarantine: list[dict] = []
+    skipped: list[dict] = []
     procs = {}
     if "procedures.csv" in files:
         procs, _ = read_procedures(storage.read_text(join(root, "procedures.csv")))
     pairs: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
+    multi: dict[tuple[str, str], dict] = defaultdict(lambda: {"image": None, "masks": []})
     for rel in files:
-        m = _DSAD.match(rel)
-        if m:
+        m, ml = _DSAD.match(rel), _MULTI.match(rel)
+        if ml and ml["k"]:
+            multi[(ml["nn"], ml["k"].lstrip("0") or "0")]["image"] = rel
+        elif ml:
+            multi[(ml["nn"], ml["mk"].lstrip("0") or "0")]["masks"].append((ml["structure"].lower(), rel))
+        elif m and m["structure"] != MULTILABEL:
             pairs[(m["structure"], m["nn"], m["k"])][m["kind"].lower()] = rel
+        elif rel != "procedures.csv":
+            skipped.append(quarantine_entry(root, "not read: not a DSAD image or mask (e.g. the weak labels, documentation)", path=rel))
     records = []
     for (structure, nn, k), kinds in sorted(pairs.items()):
         pid, fid = f"surgery_{nn}", f"{structure}_{k}"
@@ -138,10 +161,35 @@ def _list_dsad(storage: Storage, source: Source, root: str, files: list[str]):
             quarantine.append(quarantine_entry(root, f"unknown structure {structure!r}", procedure_id=pid, frame_id=fid, structure=structure, path=kinds["mask"]))
             continue
         meta = procs.get(pid, {})
-        mask = {"structure": name, "mask_uri": join(root, kinds["mask"]), "item_id": item_id(root, pid, fid, name), "in_cme_set": name in STRUCTURES}
         records.append(_record(source, root, meta.get("site") or source.site, pid, fid, join(root, kinds["image"]),
-                               meta.get("laterality") or "unknown", meta.get("phase") or "unknown", [mask]))
-    return records, quarantine
+                               meta.get("laterality") or "unknown", meta.get("phase") or "unknown",
+                               [_mask(root, kinds["mask"], pid, fid, name, name in STRUCTURES, absent_ok=False)]))
+    for (nn, k), entry in sorted(multi.items()):
+        rec = _multilabel_record(source, root, procs, nn, k, entry, quarantine)
+        if rec:
+            records.append(rec)
+    return records, quarantine, skipped
+
+
+def _multilabel_record(source: Source, root: str, procs: dict, nn: str, k: str, entry: dict, quarantine: list[dict]) -> dict | None:
+    """One multilabel frame with an item per structure mask (masks of unknown structures and a
+    frame without its image or masks are quarantined)."""
+    pid, fid = f"surgery_{nn}", f"{MULTILABEL}_{k}"
+    if entry["image"] is None or not entry["masks"]:
+        for structure, rel in entry["masks"] or [(None, entry["image"])]:
+            quarantine.append(quarantine_entry(root, "multilabel mask without its image" if structure else "multilabel image without masks",
+                                               procedure_id=pid, frame_id=fid, structure=structure, path=rel))
+        return None
+    masks = []
+    for structure, rel in sorted(entry["masks"]):
+        if structure not in DSAD_STRUCTURES:
+            quarantine.append(quarantine_entry(root, f"unknown structure {structure!r}", procedure_id=pid, frame_id=fid, structure=structure, path=rel))
+            continue
+        name = DSAD_TO_CME.get(structure, structure)
+        masks.append(_mask(root, rel, pid, fid, name, name in STRUCTURES, absent_ok=True))
+    meta = procs.get(pid, {})
+    return _record(source, root, meta.get("site") or source.site, pid, fid, join(root, entry["image"]),
+                   meta.get("laterality") or "unknown", meta.get("phase") or "unknown", masks) if masks else None
 
 
 def _record(source: Source, root: str, site: str, pid: str, fid: str, frame_uri: str, laterality: str, phase: str, masks: list[dict]) -> dict:
@@ -151,13 +199,14 @@ def _record(source: Source, root: str, site: str, pid: str, fid: str, frame_uri:
     }
 
 
-def list_sources(storage: Storage, sources: list[Source]) -> tuple[list[dict], list[dict]]:
-    """Every source's frame records, with duplicate item ids (e.g. a source listed twice)
-    quarantined after their first occurrence."""
-    records, quarantine, seen = [], [], {}
+def list_sources(storage: Storage, sources: list[Source]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every source's frame records, quarantine and skipped entries, with duplicate item ids
+    (e.g. a source listed twice) quarantined after their first occurrence."""
+    records, quarantine, skipped, seen = [], [], [], {}
     for source in sources:
-        recs, q = list_source(storage, source)
+        recs, q, sk = list_source(storage, source)
         quarantine += q
+        skipped += sk
         for r in recs:
             keep = []
             for m in r["masks"]:
@@ -169,4 +218,4 @@ def list_sources(storage: Storage, sources: list[Source]) -> tuple[list[dict], l
                     keep.append(m)
             if keep:
                 records.append({**r, "masks": keep})
-    return records, quarantine
+    return records, quarantine, skipped

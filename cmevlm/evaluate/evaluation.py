@@ -55,9 +55,11 @@ def models_to_evaluate(cfg: RunConfig, st: Storage) -> dict[str, str]:
 GREEDY = "greedy"
 
 
-def modes(cfg: RunConfig) -> dict[str, Setting | None]:
-    """The decoding modes every model is evaluated in: greedy, then each evaluate.sampling."""
-    return {GREEDY: None, **{(s := Setting(x.temperature, x.top_p, x.seed)).name: s for x in cfg.evaluate.sampling}}
+def modes(cfg: RunConfig) -> dict[str, Setting]:
+    """The decoding modes every model is evaluated in, each stated whole: greedy, then each
+    evaluate.sampling (all with model.repetition_penalty)."""
+    penalty = cfg.model.repetition_penalty
+    return {GREEDY: Setting.greedy(penalty), **{(s := Setting.of(x, penalty)).name: s for x in cfg.evaluate.sampling}}
 
 
 class AnswerWorker:
@@ -65,16 +67,17 @@ class AnswerWorker:
     and writes the batch's answers as one Parquet part."""
 
     def __init__(self, cfg_json: str, name: str, model_uri: str, parts_uri: str, mode: str = GREEDY):
-        from cmevlm.model.loading import load
+        from cmevlm.model.loading import image_geometry, load
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         e = self.cfg.evaluate
         self.model, self.processor = load(self.cfg, model_uri, dtype=e.dtype, num_gpus=e.num_gpus_per_actor)
+        self.geometry = image_geometry(self.cfg, model_uri)
         self.name, self.storage, self.parts, self.setting = name, Storage(self.cfg.storage), parts_uri, modes(self.cfg)[mode]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
-        outs = generate(self.model, self.processor, [decode_image(it["image"]) for it in items], [it["prompt"] for it in items],
+        outs = generate(self.model, self.processor, [decode_image(it["image"], self.geometry) for it in items], [it["prompt"] for it in items],
                         self.cfg.evaluate.max_new_tokens, self.setting)
         rows = [{"model": self.name, "item_id": it["item_id"], "answer": text, "n_tokens": n} for it, (text, n) in zip(items, outs)]
         self.storage.write_parquet(part_uri(self.parts, [it["item_id"] for it in items]), pa.Table.from_pylist(rows, schema=ANSWERS_SCHEMA))
@@ -187,10 +190,12 @@ def paired_p(grouped: dict, a: str, b: str) -> tuple[float | None, str | None]:
 def tabulate(cfg: RunConfig, models: dict[str, str], all_rows: list[dict], n_items: int) -> dict:
     """Table 1, the breakdowns per structure and site, and the tests (greedy), then Table 1 and
     the tests per sampling mode: metrics.json."""
+    decoding = modes(cfg)
     result = _tabulate_mode(cfg, models, [r for r in all_rows if r["mode"] == GREEDY], n_items)
     result["judge_failed"] = judge_failures(all_rows)
+    result["decoding"] = {mode: s.record() for mode, s in decoding.items()}
     result["sampled"] = {}
-    for mode in list(modes(cfg))[1:]:
+    for mode in list(decoding)[1:]:
         part = _tabulate_mode(cfg, models, [r for r in all_rows if r["mode"] == mode], n_items)
         result["sampled"][mode] = {k: part[k] for k in ("models", "tests", "tests_not_computed")}
     return result

@@ -62,6 +62,13 @@ def left_out_text(metrics: dict) -> str | None:
     return " ".join(lines) or None
 
 
+def decoding_text(metrics: dict) -> str:
+    """Every decoding setting the answers were generated with, one mode a line."""
+    keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+    return "\n".join(f"{mode}: " + ", ".join(f"{k}={s.get(k)}" for k in keys)
+                     for mode, s in (metrics.get("decoding") or {}).items())
+
+
 def _plain(table: list[list[str]]) -> str:
     rows = [HEADER, *table]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
@@ -150,6 +157,8 @@ def markdown(metrics: dict) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in s["table"]] + ["", s["tests"]]
     if left_out_text(metrics):
         lines += ["", left_out_text(metrics)]
+    if metrics.get("decoding"):
+        lines += ["", "## Decoding settings", "", "```", decoding_text(metrics), "```"]
     if metrics.get("expert"):
         lines += ["", "## Expert", "", "| model | score | preferred |", "|---|---|---|"]
         lines += [f"| {m} | {_fmt(v['score'], 2)} | {v['preferred']} |" for m, v in metrics["expert"].items()]
@@ -169,4 +178,4 @@ def render_html(cfg: RunConfig, metrics: dict, rows: list[dict], items: dict[str
     expert = [{"model": m, "score": _fmt(v["score"], 2), "preferred": v["preferred"]} for m, v in (metrics.get("expert") or {}).items()]
     return render("report.html", m=metrics, header=HEADER, table=table_rows(metrics), pics=plots(metrics, rows),
                   expert=expert, examples=examples, config=dump_config(cfg), tests=tests_text(metrics), left_out=left_out_text(metrics),
-                  sampled=sampled(metrics))
+                  sampled=sampled(metrics), decoding=decoding_text(metrics))

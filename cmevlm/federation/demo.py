@@ -158,7 +158,7 @@ def run(cfg: RunConfig, workdir: str = "runs/consortium") -> dict:
     root = Path(workdir).resolve()
     t0 = time.time()
     if not (root / "models" / "base" / "config.json").exists():
-        build_tiny_model(root / "models" / "base", seed=cfg.seed, max_pixels=cfg.data.image_size**2)
+        build_tiny_model(root / "models" / "base", seed=cfg.seed)
     cfgs = [absolute_paths(site_config(cfg, root, s)) for s in SITES]
     coord = absolute_paths(coordinator_config(cfg, root))
     timings = {}

@@ -97,8 +97,8 @@ def save_model(cfg: RunConfig, state: dict, phase: str = "sft") -> dict:
     """A phase's consortium model as a loadable directory at OUTPUT[phase] under the workdir:
     an adapter directory (its base = the phase's base) for lora, a whole model for full.
     Returns its manifest."""
+    from cmevlm.model import adapters, layout
     from cmevlm.storage import stage_uri
-    from cmevlm.train import lora
     from cmevlm.train.lora import load_trainable_state
 
     model, processor = trainable_model(cfg, phase)
@@ -106,9 +106,10 @@ def save_model(cfg: RunConfig, state: dict, phase: str = "sft") -> dict:
     st, out_uri = Storage(cfg.storage), stage_uri(cfg, OUTPUT[phase])
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if lora.is_adapter_dir(tmp):
-            lora.set_base(Path(tmp), base_of(federated_cfg(cfg, phase), phase))
+        layout.save_processor(processor, tmp)
+        layout.write_training_images(tmp, cfg.data.image_size, cfg.data.resize)
+        if adapters.is_adapter_dir(tmp):
+            adapters.set_base(tmp, base_of(federated_cfg(cfg, phase), phase))
         st.delete(out_uri)
         st.upload_dir(tmp, out_uri)
     return st.write_manifest(out_uri, stage="federated", phase=phase, created_unix=time.time(), trainable=cfg.federation.trainable,

@@ -9,11 +9,11 @@ torchvision) loads them too.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cmevlm.config import StorageConfig
 from cmevlm.errors import ConfigError, MissingInput
+from cmevlm.model import adapters, layout
 from cmevlm.storage import Storage
 
 
@@ -36,12 +36,15 @@ def _processor_class():
     return _Processor
 
 
-def make_processor(tokenizer, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, chat_template: str | None = None):
-    """A Qwen2_5_VLProcessor from a tokenizer and the PIL image processor (no video)."""
+def make_processor(tokenizer, min_pixels: int = layout.REAL_MIN_PIXELS, max_pixels: int = layout.REAL_MAX_PIXELS,
+                   chat_template: str | None = None):
+    """A Qwen2_5_VLProcessor from a tokenizer and the PIL image processor (no video); the chat
+    template defaults to Qwen2.5-VL's own (the real repo's chat_template.json, as TRL ships it)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from trl.chat_template_utils import qwen2_5_vl_chat_template
 
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
+                                               image_mean=layout.CLIP_MEAN, image_std=layout.CLIP_STD)
     return _processor_class()(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -59,26 +62,14 @@ def local_model_dir(uri: str, storage: StorageConfig | None = None) -> Path:
 
 
 def load_processor(uri: str, storage: StorageConfig | None = None):
-    """The processor saved with a model (tokenizer, image processor, chat template)."""
+    """The processor saved with a model (tokenizer, image processor, the processor's chat
+    template found as transformers finds it: cmevlm.model.layout)."""
     from transformers import AutoTokenizer
 
     path = local_model_dir(uri, storage)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    pp = {}
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        f = path / name
-        if f.exists():
-            data = json.loads(f.read_text())
-            pp.update(data.get("image_processor", data))
-    size = pp.get("size") or {}
-    min_pixels = pp.get("min_pixels") or size.get("shortest_edge") or 56 * 56
-    max_pixels = pp.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
-    template = None
-    if (path / "chat_template.jinja").exists():
-        template = (path / "chat_template.jinja").read_text()
-    elif getattr(tokenizer, "chat_template", None):
-        template = tokenizer.chat_template
-    processor = make_processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels, chat_template=template)
+    pixels = layout.image_processor_settings(path)
+    processor = make_processor(tokenizer, chat_template=layout.find_chat_template(path, tokenizer), **pixels)
     tokenizer.padding_side = "left"  # batched generation needs left padding
     return processor
 
@@ -121,21 +112,25 @@ def load_model(uri: str, storage: StorageConfig | None = None, dtype: str = "flo
                attn: str = "sdpa"):
     """`Qwen2_5_VLForConditionalGeneration` from a local folder or s3:// prefix, in `dtype`
     (a name of DTYPES), with attention `attn`, moved to `device`, in eval mode. An adapter
-    directory (cmevlm.train.lora) gives its merged model: `merged/` when the export wrote
+    directory (cmevlm.model.adapters) gives its merged model: `merged/` when the export wrote
     one, else its base (loaded the same way, so an adapter on an adapter works) + the adapter."""
     from transformers import AutoModelForImageTextToText
 
-    from cmevlm.train import lora
-
     path = local_model_dir(uri, storage)
-    if lora.is_adapter_dir(path):
-        if (path / lora.MERGED / "config.json").exists():
-            return load_model(str(path / lora.MERGED), None, dtype, device, attn)
-        base = load_model(lora.base_of(path), storage, dtype, "cpu", attn)
-        return lora.apply_adapter(base, path).to(device).eval()
+    if adapters.is_adapter_dir(path):
+        if (path / adapters.MERGED / "config.json").exists():
+            return load_model(str(path / adapters.MERGED), None, dtype, device, attn)
+        base = load_model(adapters.base_of(path), storage, dtype, "cpu", attn)
+        return adapters.apply_adapter(base, path).to(device).eval()
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=resolve_dtype(dtype, device), attn_implementation=resolve_attention(attn))
     return model.to(device).eval()
+
+
+def image_geometry(cfg, uri: str) -> tuple[int, str]:
+    """(side, pad|crop) of the square images the model at `uri` was trained on (recorded at
+    export; the run's data.image_size / data.resize for a model without the record)."""
+    return layout.training_images(local_model_dir(uri, cfg.storage), cfg.data.image_size, cfg.data.resize)
 
 
 def load(cfg, uri: str, dtype: str = "auto", num_gpus: float = 0, device: str | None = None):

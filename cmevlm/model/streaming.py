@@ -14,6 +14,8 @@ from typing import Callable
 
 from transformers.generation.streamers import BaseStreamer
 
+from cmevlm.model.generate import Setting
+
 
 def prepare(processor, conversation: list[dict], images: list) -> dict:
     """One request's model inputs (batch of one): input_ids, attention_mask and, with images,
@@ -82,21 +84,18 @@ class RowStreamer(BaseStreamer):
             sink(None)
 
 
-def generate_prepared(model, tok, prepared: list[dict], max_new_tokens: int, sampling: tuple[float, float, int] | None,
+def generate_prepared(model, tok, prepared: list[dict], max_new_tokens: int, setting: Setting,
                       sinks: list[Callable] | None = None) -> list[tuple[str, int, int]]:
-    """(text, new tokens, prompt tokens) per prepared request, generated as one batch; greedy
-    when `sampling` (temperature, top_p, seed) is None; `sinks` receive the streamed pieces."""
+    """(text, new tokens, prompt tokens) per prepared request, generated as one batch with every
+    decoding setting stated (cmevlm.model.generate.Setting); `sinks` receive the streamed pieces."""
     import torch
 
     inputs = {k: v.to(model.device) for k, v in collate(prepared, tok.pad_token_id).items()}
-    kw = {"do_sample": False}
-    if sampling is not None:
-        temperature, top_p, seed = sampling
-        torch.manual_seed(seed)
-        kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    setting.seed_torch()
     streamer = RowStreamer(tok, sinks) if sinks else None
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, streamer=streamer, **kw)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, streamer=streamer,
+                             **setting.kwargs())
     new = out[:, inputs["input_ids"].shape[1]:]
     stops = stop_ids(tok)
     results = []

@@ -2,8 +2,9 @@
 
 Tests and the demo cannot download weights, so they build this: ~0.7M parameters, a byte-level
 BPE tokenizer trained on CME text with the Qwen special tokens after the BPE vocabulary (as in
-real Qwen, so a pad id is never 0), TRL's Qwen2.5-VL chat template and a PIL image processor.
-`max_pixels` sets the number of image tokens: (sqrt(max_pixels) / 28)^2, e.g. 168*168 -> 36.
+real Qwen, so a pad id is never 0), saved as the real Qwen2.5-VL-7B-Instruct repo lays out its
+files (cmevlm.model.layout). The number of image tokens follows the image: a side of 28k pixels
+gives k^2 tokens, e.g. 168 x 168 -> 36.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from cmevlm.errors import ConfigError
+from cmevlm.model import layout
 
 # Qwen2.5-VL special tokens, in the order real Qwen appends them after the BPE vocabulary.
 SPECIAL_TOKENS = (
@@ -128,7 +130,7 @@ def build_tiny_model(
     out: str | Path,
     seed: int = 0,
     corpus: Iterable[str] | None = None,
-    max_pixels: int = 168 * 168,
+    max_pixels: int | None = None,
     hidden: int = 128,
     layers: int = 2,
     vision_hidden: int = 64,
@@ -136,19 +138,25 @@ def build_tiny_model(
     vocab_size: int = 2048,
     like: dict | None = None,
 ) -> Path:
-    """Build, save (Hugging Face format) and return the directory of a tiny Qwen2.5-VL; with
-    `like` (a real config.json's dict), a random model of that config's widths with `layers`
-    decoder layers and `vision_depth` vision blocks, in bfloat16 (7B widths, 2 + 2: ~1.6 B
-    parameters, 3.2 GB, mostly the two 152064 x 3584 embedding matrices)."""
+    """Build, save and return the directory of a tiny Qwen2.5-VL in the real repo's layout
+    (cmevlm.model.layout: its files, template split, generation and preprocessor settings,
+    sharded weights). The image tokens per image follow the image size (`data.image_size`:
+    168 px -> 36); `max_pixels` other than the real one caps them and is then a deviation from
+    the real preprocessor_config.json. With `like` (a real config.json's dict), a random model
+    of that config's widths with `layers` decoder layers and `vision_depth` vision blocks, in
+    bfloat16 (7B widths, 2 + 2: ~1.6 B parameters, 3.2 GB, mostly the two 152064 x 3584
+    embedding matrices)."""
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from cmevlm.model.loading import make_processor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer([*default_corpus(), *(corpus or ())], vocab_size=vocab_size)
-    processor = make_processor(tokenizer, min_pixels=56 * 56, max_pixels=max_pixels)
+    text_template, image_template = layout.reference_templates()
+    tokenizer.chat_template = text_template
+    processor = make_processor(tokenizer, max_pixels=max_pixels or layout.REAL_MAX_PIXELS, chat_template=image_template)
     torch.manual_seed(seed)
     if like is not None:
         cfg = like_config(tokenizer, like, layers, vision_depth)
@@ -156,12 +164,23 @@ def build_tiny_model(
     else:
         cfg = tiny_config(tokenizer, hidden=hidden, layers=layers, vision_hidden=vision_hidden, vision_depth=vision_depth)
         model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        do_sample=False,
-    )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_like_real_repo(model, processor, out)
     return out
+
+
+def save_like_real_repo(model, processor, out: Path, shards: int = 5) -> None:
+    """Weights in `shards` safetensors files with their index, the real generation_config.json,
+    the processor in the real split, vocab.json + merges.txt, a model card and .gitattributes."""
+    from transformers import GenerationConfig
+
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+    model.generation_config = GenerationConfig(**layout.real_generation_config(
+        bos=ids["<|endoftext|>"], eos=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad=ids["<|endoftext|>"]))
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    model.save_pretrained(out, max_shard_size=max(1, total // (shards - 1) if shards > 1 else total + 1))
+    layout.save_processor(processor, out)
+    tok.backend_tokenizer.model.save(str(out))  # vocab.json, merges.txt
+    (out / "README.md").write_text("# Random Qwen2.5-VL\n\nRandom weights with the architecture of Qwen2.5-VL, built by "
+                                   "`cmevlm tiny-model` for offline tests; laid out as Qwen/Qwen2.5-VL-7B-Instruct is.\n")
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\ntokenizer.json filter=lfs diff=lfs merge=lfs -text\n")

@@ -127,13 +127,14 @@ def _replica_count() -> int | None:
 @serve.ingress(api)
 class VLMServer:
     def __init__(self, cfg_json: str, model_uri: str):
-        from cmevlm.model.loading import load
+        from cmevlm.model.loading import image_geometry, load
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         self.keys = serving_keys(self.cfg)
         s = self.cfg.serve
         self.model, self.processor = load(self.cfg, model_uri, dtype=s.dtype, num_gpus=s.num_gpus_per_replica)
         self.processor.tokenizer.padding_side = "left"
+        self.geometry = image_geometry(self.cfg, model_uri)  # every image is brought to it (requests.py)
         self.generate_batch.set_max_batch_size(s.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.ready = True
@@ -144,6 +145,7 @@ class VLMServer:
     async def generate_batch(self, jobs: list[Job]) -> list:
         """One generate call per (temperature, top_p, max_tokens) group; a failing group fails
         alone (its requests get a GenerationFailed), the others are answered."""
+        from cmevlm.model.generate import Setting
         from cmevlm.model.streaming import generate_prepared
 
         now = time.time()
@@ -156,7 +158,8 @@ class VLMServer:
             groups.setdefault((j.temperature, j.top_p, j.max_tokens), []).append(i)
         for (temp, top_p, max_tokens), idx in groups.items():
             group = [jobs[i] for i in idx]
-            sampling = (temp, top_p, group[0].seed) if temp > 0 else None
+            penalty = self.cfg.model.repetition_penalty
+            sampling = Setting(temp, top_p, group[0].seed, repetition_penalty=penalty) if temp > 0 else Setting.greedy(penalty)
             sinks = [j.sink or (lambda piece: None) for j in group] if any(j.sink for j in group) else None
             try:
                 res = await asyncio.to_thread(generate_prepared, self.model, self.processor.tokenizer, [j.prepared for j in group],
@@ -283,7 +286,7 @@ class VLMServer:
             log.info("chat request: %s", [m.content if isinstance(m.content, str) else [getattr(x, "text", "<image>") for x in m.content]
                                           for m in req.messages])
         p = generation_params(req, self.cfg)
-        conv, images = await asyncio.to_thread(chat_conversation, req, self.cfg)
+        conv, images = await asyncio.to_thread(chat_conversation, req, self.cfg, self.geometry)
         prepared = await asyncio.to_thread(self._prepare, conv, images, p["max_tokens"])
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         jobs = self._jobs(rid, prepared, p)
@@ -307,7 +310,7 @@ class VLMServer:
     async def _explain(self, request: Request, t0: float):
         req = parse(ExplainRequest, await read_body(request, self.cfg.serve.max_body_bytes))
         p = generation_params(req, self.cfg)
-        conv, composite = await asyncio.to_thread(explain_inputs, req, self.cfg)
+        conv, composite = await asyncio.to_thread(explain_inputs, req, self.cfg, self.geometry)
         prepared = await asyncio.to_thread(self._prepare, conv, [composite], p["max_tokens"])
         (text, n, prompt_tokens), = await self._answer(self._jobs(f"explain-{uuid.uuid4().hex[:24]}", prepared, p))
         METRICS["tokens"].labels("prompt").inc(prompt_tokens)

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
 from cmevlm.config import RunConfig
+from cmevlm.data.composite import fit_image
 from cmevlm.errors import ConfigError
 from cmevlm.serve.schemas import ChatRequest, ExplainRequest, error_message
 
@@ -160,9 +161,11 @@ def decode_b64_image(data: str, max_pixels: int, what: str = "image") -> Image.I
     return img
 
 
-def chat_conversation(req: ChatRequest, cfg: RunConfig) -> tuple[list[dict], list[Image.Image]]:
+def chat_conversation(req: ChatRequest, cfg: RunConfig, geometry: tuple[int, str]) -> tuple[list[dict], list[Image.Image]]:
     """The conversation for the chat template and its images in order, decoded only once their
-    number is known to be within serve.max_images_per_request."""
+    number is known to be within serve.max_images_per_request, each brought to the square the
+    model was trained on (`geometry`: side, pad|crop), so its image tokens are what the plan
+    sized whatever the frame's size (serve.max_image_pixels only bounds decoding)."""
     parts = [p for m in req.messages if not isinstance(m.content, str) for p in m.content]
     n_images = sum(p.type == "image_url" for p in parts)
     if n_images == 0:
@@ -179,14 +182,16 @@ def chat_conversation(req: ChatRequest, cfg: RunConfig) -> tuple[list[dict], lis
             if part.type == "text":
                 content.append({"type": "text", "text": part.text})
             else:
-                images.append(decode_b64_image(part.image_url.url, cfg.serve.max_image_pixels, f"messages.{i}.content.{j}").convert("RGB"))
+                img = decode_b64_image(part.image_url.url, cfg.serve.max_image_pixels, f"messages.{i}.content.{j}")
+                images.append(fit_image(img, *geometry))
                 content.append({"type": "image"})
         conv.append({"role": m.role, "content": content})
     return conv, images
 
 
-def explain_inputs(req: ExplainRequest, cfg: RunConfig) -> tuple[list[dict], Image.Image]:
-    """/v1/explain: frame + mask -> the composite the model was trained on, and the question."""
+def explain_inputs(req: ExplainRequest, cfg: RunConfig, geometry: tuple[int, str]) -> tuple[list[dict], Image.Image]:
+    """/v1/explain: frame + mask -> the composite the model was trained on (its side and resize
+    mode: `geometry`), and the question."""
     from cmevlm.data.composite import BadInput, build_composite, decode_mask
     from cmevlm.instructions import TEMPLATES
 
@@ -199,6 +204,6 @@ def explain_inputs(req: ExplainRequest, cfg: RunConfig) -> tuple[list[dict], Ima
     except BadInput as e:
         raise BadRequest(400, f"mask: {e}") from None
     d = cfg.data
-    comp, _ = build_composite(frame, mask, d.image_size, d.resize, d.overlay_color, d.overlay_alpha)
+    comp, _ = build_composite(frame, mask, geometry[0], geometry[1], d.overlay_color, d.overlay_alpha)
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": req.question or TEMPLATES[0].text}]}]
     return conv, Image.fromarray(comp)

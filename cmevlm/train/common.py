@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cmevlm.config import RunConfig, _Training
+from cmevlm.model import layout
 from cmevlm.storage import Storage, is_s3, join
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,7 @@ def _export_task(cfg_json: str, ckpt, base_uri: str, out_uri: str, frozen: list[
         if not (d / FINAL_MARKER).exists():
             raise RuntimeError(f"training did not finish (its last checkpoint is not final): {error}")
         figures = _export_weights(cfg, d, Path(tmp), base_uri, frozen)
+        layout.write_training_images(Path(tmp), cfg.data.image_size, cfg.data.resize)
         for name in ("metrics.jsonl", "log_history.json"):
             if (d / name).exists():
                 shutil.copy(d / name, Path(tmp, name))
@@ -330,12 +332,13 @@ def _export_task(cfg_json: str, ckpt, base_uri: str, out_uri: str, frozen: list[
 def _export_weights(cfg: RunConfig, checkpoint: Path, out: Path, base_uri: str, frozen: list[str]) -> dict:
     """An adapter checkpoint -> adapter directory (+ merged model); a full one -> the streamed
     model directory."""
+    from cmevlm.model.adapters import is_adapter_dir
     from cmevlm.model.loading import local_model_dir
     from cmevlm.train import lora
     from cmevlm.train.export import export_dir
 
     m = cfg.model
-    if lora.is_adapter_dir(checkpoint):
+    if is_adapter_dir(checkpoint):
         t = cfg.sft if json.loads((checkpoint / FINAL_MARKER).read_text()).get("stage") != "dpo" else cfg.dpo
         return lora.export_adapter(checkpoint, out, base_uri, cfg.storage, m.export_dtype, merge=bool(t.lora and t.lora.merge))
     return export_dir(local_model_dir(base_uri, cfg.storage), checkpoint, out, set(frozen), dtype=m.export_dtype,

@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmevlm.model import layout
 from cmevlm.train.freeze import component
 
 CHUNK_BYTES = 64 * 2**20
@@ -214,7 +215,8 @@ def write_config(base_dir: Path, out_dir: Path, dtype: str) -> None:
 
 
 def copy_side_files(base_dir: Path, out_dir: Path) -> None:
-    """Processor, tokenizer, chat template, generation config: everything but weights and config."""
+    """Processor, tokenizer, chat templates, generation config: everything but weights and config
+    (then brought to the real repo's split by `layout.normalise`)."""
     weights = {p for pattern in WEIGHT_FILES for p in base_dir.glob(pattern)}
     for p in base_dir.iterdir():
         if p.is_file() and p not in weights and p.name != "config.json":
@@ -236,6 +238,7 @@ def export_dir(base_dir: Path, trained_dir: Path, out_dir: Path, frozen: set[str
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     write_config(base_dir, out_dir, dtype)
     copy_side_files(base_dir, out_dir)
+    layout.normalise(out_dir)
     from_base = sum(1 for _, ref in items if ref.path.parent == base_dir)
     return {"tensors": len(items), "bytes": total, "shards": len(groups), "from_base": from_base,
             "from_trained": len(items) - from_base, "dtype": dtype}

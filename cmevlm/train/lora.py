@@ -5,30 +5,19 @@ An adapter is placed only inside the components the freeze policy trains (cmevlm
 `mlp.0`), and the vision encoder has modules of the same names, so the list PEFT gets is of full
 module names, filtered by component. Everything else is frozen: only the adapter trains.
 
-An exported adapter directory holds `adapter_config.json` (its `base_model_name_or_path` is the
-base's URI: a workdir path or s3:// prefix, itself possibly an adapter directory, as DPO's base
-is SFT's adapter), `adapter_model.safetensors`, the processor files, and optionally `merged/`,
-a whole model (base + adapter) for tooling that knows no PEFT. `load_adapter` gives the merged
-model either way.
+Exporting writes an adapter directory (its layout: cmevlm.model.adapters, which loading reads).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from cmevlm.model import layout
+from cmevlm.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED, set_base
 from cmevlm.train.freeze import COMPONENTS, component, trainable
 
 log = logging.getLogger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MERGED = "merged"
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return Path(path, ADAPTER_CONFIG).exists()
 
 
 def targets(model, target_modules: list[str], policy: str) -> list[str]:
@@ -85,25 +74,6 @@ def load_trainable_state(model, state: dict) -> None:
             params[n].copy_(torch.as_tensor(t).to(params[n].dtype))
 
 
-def set_base(adapter_dir: Path, base_uri: str) -> None:
-    """Record where the adapter's base lives (a URI, not the worker's cache path)."""
-    f = Path(adapter_dir, ADAPTER_CONFIG)
-    data = json.loads(f.read_text())
-    data["base_model_name_or_path"] = base_uri
-    f.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def base_of(adapter_dir: Path) -> str:
-    return json.loads(Path(adapter_dir, ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-
-
-def apply_adapter(base_model, adapter_dir: Path):
-    """base + adapter, merged into plain weights (no PEFT wrapper left)."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
-
-
 SKIP_ON_EXPORT = ("README.md", "final.json", "metrics.jsonl", "log_history.json")
 
 
@@ -118,6 +88,7 @@ def export_adapter(checkpoint: Path, out_dir: Path, base_uri: str, storage, dtyp
         if p.is_file() and p.name not in SKIP_ON_EXPORT and p.suffix not in (".bin", ".pt", ".pth"):
             shutil.copy(p, out_dir / p.name)
     set_base(out_dir, base_uri)
+    layout.normalise(out_dir)
     figures = {"adapter_bytes": (out_dir / ADAPTER_WEIGHTS).stat().st_size, "merged": merge, "dtype": dtype}
     if merge:
         from cmevlm.model.loading import load_model
