@@ -3,6 +3,7 @@ kinds, kubernetes-validate for built-in kinds), the default install (one pipelin
 zero), the stage registry, Kueue, NetworkPolicies proven with an evaluator, secrets refused,
 k8s/ in sync, and `cmevlm submit` printing exactly what the chart renders."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -259,3 +260,59 @@ def test_federation_pods_mount_only_their_own_kit_and_a_site_reaches_only_the_co
         if "Egress" in spec.get("policyTypes", []) and all(labels.get(k) == v for k, v in sel.items()):
             egress_cidrs |= {t["ipBlock"]["cidr"] for r in spec["egress"] for t in r.get("to", []) if "ipBlock" in t}
     assert egress_cidrs == {"203.0.113.10/32", "10.96.0.10/32", "192.0.2.10/32", "142.250.0.0/15"}  # coordinator, DNS, store, teacher
+
+
+HOSTILE = "x\nserve.api_keys=[stolen]\n- name: evil\n  import_path: os:system # {{ .Values.site }} \"quoted\" 'single': {a: b}"
+INJECTABLE = ("serve.model", "image.repository", "image.tag", "existingSecret", "egress.teacher.cidr")
+
+
+def _set(values: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for k in path:
+        values = values.setdefault(k, {})
+    values[last] = value
+
+
+def _same_but(benign, hostile, subs: dict) -> None:
+    """`hostile` is `benign` with each marker replaced by its hostile text inside strings, and
+    nothing else: no key, list item or object more or less (serveConfigV2 compared parsed)."""
+    if isinstance(benign, dict):
+        assert isinstance(hostile, dict) and set(benign) == set(hostile), (sorted(benign), sorted(hostile) if isinstance(hostile, dict) else hostile)
+        for k in benign:
+            if k == "serveConfigV2":
+                _same_but(yaml.safe_load(benign[k]), yaml.safe_load(hostile[k]), {m: json.dumps(h)[1:-1] for m, h in subs.items()})
+            else:
+                _same_but(benign[k], hostile[k], subs)
+    elif isinstance(benign, list):
+        assert isinstance(hostile, list) and len(benign) == len(hostile)
+        for a, b in zip(benign, hostile):
+            _same_but(a, b, subs)
+    elif isinstance(benign, str):
+        want = benign
+        for marker, text in subs.items():
+            want = want.replace(marker, text)
+        assert hostile == want
+    else:
+        assert hostile == benign
+
+
+def test_values_cannot_inject_yaml_or_serve_applications(tmp_path):
+    """Values holding newlines, quotes, `#`, `{{` and YAML-looking text come out as the plain
+    string they are, in every object and inside serveConfigV2: nothing added, nothing changed."""
+    markers = {f"MARKER{i}": f"{HOSTILE} {i}" for i in range(len(INJECTABLE))}
+    benign, hostile = {}, {}
+    for (marker, text), key in zip(markers.items(), INJECTABLE):
+        _set(benign, key, marker)
+        _set(hostile, key, text)
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(benign))
+    (tmp_path / "h.yaml").write_text(yaml.safe_dump(hostile))
+    a, b = render(tmp_path / "b.yaml", tmp_path), render(tmp_path / "h.yaml", tmp_path)
+    assert [(d["kind"], d["metadata"]["name"]) for d in a] == [(d["kind"], d["metadata"]["name"]) for d in b]
+    for x, y in zip(a, b):
+        _same_but(x, y, markers)
+    service = next(d for d in b if d["kind"] == "RayService")
+    apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert len(apps) == 1 and apps[0]["import_path"] == "cmevlm.serve.app:build_app"
+    model_set = [s for s in apps[0]["args"]["set"] if s.startswith("serve.model=")]
+    assert len(model_set) == 1 and yaml.safe_load(model_set[0].split("=", 1)[1]) == markers["MARKER0"]
+    assert not any("api_keys" in s.split("=", 1)[0] for s in apps[0]["args"]["set"])

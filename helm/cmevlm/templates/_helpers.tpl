@@ -31,7 +31,7 @@ come from the existing Secret by reference only; the run config from the ConfigM
 {{- define "cmevlm.container" -}}
 {{- $ := .ctx -}}
 - name: {{ .name }}
-  image: "{{ $.Values.image.repository }}:{{ $.Values.image.tag }}"
+  image: {{ printf "%s:%s" $.Values.image.repository $.Values.image.tag | quote }}
   imagePullPolicy: {{ $.Values.image.pullPolicy }}
   {{- with .ports }}
   ports:
@@ -43,7 +43,7 @@ come from the existing Secret by reference only; the run config from the ConfigM
     {{- include "cmevlm.containerSecurity" $ | nindent 4 }}
   envFrom:
     - secretRef:
-        name: {{ $.Values.existingSecret }}
+        name: {{ $.Values.existingSecret | quote }}
         optional: true
   env:
     - name: RAY_USAGE_STATS_ENABLED
@@ -179,7 +179,7 @@ metadata:
     app.kubernetes.io/component: {{ .target }}
     cmevlm.io/stage: {{ .target }}
     {{- with $.Values.kueue.queueName }}
-    kueue.x-k8s.io/queue-name: {{ . }}
+    kueue.x-k8s.io/queue-name: {{ . | quote }}
     {{- end }}
 spec:
   entrypoint: python jobs/run.py {{ .target }} --config /etc/cmevlm/run.yaml
@@ -203,7 +203,7 @@ spec:
         runAsUser: {{ $.Values.runAsUser }}
       containers:
         - name: ray-job-submitter
-          image: "{{ $.Values.image.repository }}:{{ $.Values.image.tag }}"
+          image: {{ printf "%s:%s" $.Values.image.repository $.Values.image.tag | quote }}
           imagePullPolicy: {{ $.Values.image.pullPolicy }}
           resources:
             requests: {cpu: 500m, memory: 512Mi}
