@@ -209,12 +209,21 @@ def test_cmevlm_submit_dry_run_is_what_the_chart_renders(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["runConfig.storage.secret_access_key", "runConfig.storage.access_key_id",
-                                 "runConfig.serve.api_keys[0]", "runConfig.teacher.api_key"])
+                                 "runConfig.serve.api_keys[0]", "runConfig.teacher.api_key", "runConfig.storage.SECRET_ACCESS_KEY",
+                                 "runConfig.teacher.apiKey", "runConfig.storage.Password", "runConfig.storage.credentials",
+                                 "runConfig.teacher.authToken"])
 def test_values_holding_a_secret_fail_to_render(key, tmp_path):
     r = subprocess.run([HELM, "template", "x", str(CHART), "--set", f"{key}=X"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "HELM_CACHE_HOME": str(tmp_path / "c"), "HELM_CONFIG_HOME": str(tmp_path / "f")})
     field = key.split(".")[-1].split("[")[0]
     assert r.returncode != 0 and f"invalid propertyName '{field}'" in r.stderr
+
+
+@pytest.mark.parametrize("url", ["https://user:pass@minio.storage.svc:9000", "s3://AKIAEXAMPLE:secret@bucket/prefix", "http://token@x"])
+def test_urls_with_user_information_fail_to_render(url, tmp_path):
+    r = subprocess.run([HELM, "template", "x", str(CHART), "--set-string", f"runConfig.storage.endpoint={url}"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "HELM_CACHE_HOME": str(tmp_path / "c"), "HELM_CONFIG_HOME": str(tmp_path / "f")})
+    assert r.returncode != 0 and "'/runConfig/storage/endpoint': 'not' failed" in r.stderr, r.stderr[-500:]
 
 
 def test_k8s_manifests_are_up_to_date(tmp_path):
