@@ -132,11 +132,60 @@ def test_chart_stages_are_the_registry(tmp_path):
         assert calls == (stage == "pipeline" or stage in stages.TEACHER_STAGES)
 
 
-def test_kueue_queue_label_suspends_every_rayjob_for_gang_admission(tmp_path):
+def kueue_refuses(job: dict, elastic_gate: bool = True) -> list[str]:
+    """What Kueue's RayJob webhook refuses in a queued RayJob (its validateCreate; the rules and
+    their source: docs/kueue.md): autoscaling unless the job is elastic (annotation, with the
+    ElasticJobsViaWorkloadSlices gate on), a cluster kept after the job, an existing cluster,
+    more than 8 pod sets (head, each worker group, the submitter of K8sJobMode)."""
+    if "kueue.x-k8s.io/queue-name" not in job["metadata"].get("labels", {}):
+        return []
+    spec, errors = job["spec"], []
+    elastic = elastic_gate and job["metadata"].get("annotations", {}).get("kueue.x-k8s.io/elastic-job") == "true"
+    if spec["rayClusterSpec"].get("enableInTreeAutoscaling") and not elastic:
+        errors.append("a kueue managed job should not use autoscaling")
+    if not spec.get("shutdownAfterJobFinishes"):
+        errors.append("a kueue managed job should delete the cluster after finishing")
+    if spec.get("clusterSelector"):
+        errors.append("a kueue managed job should not use an existing cluster")
+    pod_sets = 1 + len(spec["rayClusterSpec"]["workerGroupSpecs"]) + (spec.get("submissionMode") == "K8sJobMode")
+    if pod_sets > 8:
+        errors.append(f"{pod_sets} pod sets; Kueue admits at most 8")
+    return errors
+
+
+def _kueue_jobs(tmp_path, mode: str) -> list[dict]:
+    (tmp_path / "mode.yaml").write_text(yaml.safe_dump({"kueue": {"mode": mode}}))
+    args = ["template", "rel", str(CHART), "--namespace", "ml", "-f", str(CHART / "ci" / "05-kueue-values.yaml"), "-f", str(tmp_path / "mode.yaml")]
+    return [d for d in yaml.safe_load_all(helm(*args, tmp=tmp_path)) if d and d["kind"] == "RayJob"]
+
+
+def test_kueue_admits_the_fixed_size_jobs_it_queues(tmp_path):
     jobs = [d for d in render(CHART / "ci" / "05-kueue-values.yaml", tmp_path) if d["kind"] == "RayJob"]
     assert len(jobs) == 3  # the pipeline, sft and dpo
     for j in jobs:
         assert j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-queue" and j["spec"]["suspend"] is True
+        assert kueue_refuses(j) == []
+        cluster = j["spec"]["rayClusterSpec"]
+        assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
+        assert all(g["replicas"] == g["minReplicas"] == g["maxReplicas"] for g in cluster["workerGroupSpecs"])
+        validate_crd(j)
+
+
+def test_kueue_admits_elastic_jobs_only_with_its_annotation_and_gate(tmp_path):
+    for j in _kueue_jobs(tmp_path, "elastic"):
+        assert j["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+        assert j["metadata"]["annotations"]["kueue.x-k8s.io/elastic-job"] == "true"
+        assert kueue_refuses(j) == []
+        assert kueue_refuses(j, elastic_gate=False) == ["a kueue managed job should not use autoscaling"]
+        del j["metadata"]["annotations"]  # what the chart rendered before: autoscaled and not elastic
+        assert kueue_refuses(j) == ["a kueue managed job should not use autoscaling"]
+
+
+def test_kueue_rules_catch_what_they_encode(tmp_path):
+    job = _kueue_jobs(tmp_path, "fixed")[0]
+    job["spec"]["shutdownAfterJobFinishes"] = False
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"] *= 4
+    assert kueue_refuses(job) == ["a kueue managed job should delete the cluster after finishing", "10 pod sets; Kueue admits at most 8"]
 
 
 def test_no_network_path_reaches_a_heads_ray_ports_from_outside_its_cluster(tmp_path):

@@ -97,6 +97,13 @@ cmevlm.io/calls-teacher: "true"
 {{- end }}
 {{- end -}}
 
+{{/* cmevlm.kueueFixed: "true" when Kueue queues the jobs as fixed-size gangs (kueue.queueName set,
+kueue.mode fixed): Kueue's RayJob webhook refuses a queued job with in-tree autoscaling unless it
+is elastic, so every worker group then starts at its maxReplicas and stays there. "" otherwise. */}}
+{{- define "cmevlm.kueueFixed" -}}
+{{- if and .Values.kueue.queueName (ne .Values.kueue.mode "elastic") }}true{{ end -}}
+{{- end -}}
+
 {{/* cmevlm.rayCluster: the Ray cluster of a RayJob: a head without GPUs running the in-tree
 autoscaler, a CPU worker group and an H100 worker group, both from minReplicas (0 by default)
 up to maxReplicas as Ray asks. Args: (dict "ctx" $ "cluster" NAME "stage" STAGE "teacher" BOOL). */}}
@@ -105,7 +112,11 @@ up to maxReplicas as Ray asks. Args: (dict "ctx" $ "cluster" NAME "stage" STAGE 
 {{- $cluster := .cluster -}}
 {{- $stage := .stage -}}
 {{- $teacher := .teacher -}}
+{{- $fixed := include "cmevlm.kueueFixed" $ -}}
 rayVersion: {{ $.Values.rayVersion | quote }}
+{{- if $fixed }}
+enableInTreeAutoscaling: false  # Kueue admits a fixed-size cluster (kueue.mode: fixed)
+{{- else }}
 enableInTreeAutoscaling: true
 autoscalerOptions:
   idleTimeoutSeconds: {{ $.Values.autoscaler.idleTimeoutSeconds }}
@@ -113,6 +124,7 @@ autoscalerOptions:
     {{- toYaml $.Values.autoscaler.resources | nindent 4 }}
   securityContext:
     {{- include "cmevlm.containerSecurity" $ | nindent 4 }}
+{{- end }}
 headGroupSpec:
   rayStartParams:
     num-cpus: "0"  # no work on the head: it holds GCS, the dashboard and the driver
@@ -130,9 +142,10 @@ workerGroupSpecs:
   {{- range $group := list "cpu" "h100" }}
   {{- $w := index $.Values.workers $group }}
   {{- if ne $w.enabled false }}
+  {{- $min := ternary $w.maxReplicas $w.minReplicas (not (empty $fixed)) }}
   - groupName: {{ $group }}
-    replicas: {{ $w.minReplicas }}
-    minReplicas: {{ $w.minReplicas }}
+    replicas: {{ $min }}
+    minReplicas: {{ $min }}
     maxReplicas: {{ $w.maxReplicas }}
     rayStartParams: {}
     template:
@@ -181,6 +194,10 @@ metadata:
     {{- with $.Values.kueue.queueName }}
     kueue.x-k8s.io/queue-name: {{ . | quote }}
     {{- end }}
+  {{- if and $.Values.kueue.queueName (eq $.Values.kueue.mode "elastic") }}
+  annotations:
+    kueue.x-k8s.io/elastic-job: "true"  # Kueue's ElasticJobsViaWorkloadSlices: an autoscaled RayJob admitted in slices
+  {{- end }}
 spec:
   entrypoint: python jobs/run.py {{ .target }} --config /etc/cmevlm/run.yaml
   {{- if $.Values.kueue.queueName }}
