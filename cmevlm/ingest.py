@@ -188,7 +188,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         out, st.list_files(join(out, "shards"), ".parquet"), stage="ingest", accepted=sum(accepted.values()),
         quarantined=len(quarantine), splits=dict(by_split), structures={f"{sp}/{s}": n for (sp, s), n in sorted(accepted.items())},
         quarantine_reasons=dict(Counter(_reason_kind(q["reason"]) for q in quarantine)),
-        skipped=len(skipped), skipped_reasons=dict(Counter(q["reason"] for q in skipped)),
+        not_read=len(skipped), not_read_reasons=dict(Counter(q["reason"] for q in skipped)),
         data=cfg.data.model_dump(mode="json"), seconds=round(time.time() - t0, 2),
     )
     log.info("ingest: %d accepted, %d quarantined (%s) in %.1f s -> %s", manifest["accepted"], len(quarantine), qfile, time.time() - t0, out)

@@ -36,6 +36,19 @@ def kill_ray_session(driver_pid: int) -> None:
     psutil.wait_procs(list(victims.values()), timeout=10)
 
 
+def weights(model_dir) -> dict:
+    """Every tensor of a model folder, one safetensors file or sharded with an index (as the real
+    repo and the fixture are)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -159,7 +159,7 @@ def test_ingest_strict_passes_on_the_real_dsad_tree(tmp_path):
     n_present = sum(len(p) for p in present.values())
     assert manifest["quarantined"] == 0
     assert manifest["accepted"] == 11 * 3 + n_present
-    assert manifest["skipped"] == 1 + (11 * 3 - n_present)
+    assert manifest["not_read"] == 1 + (11 * 3 - n_present)
     rows = Storage().read_parquet(str(run / "frames/shards"), columns=["procedure_id", "frame_id", "structure"]).to_pylist()
     multi = {(r["procedure_id"], r["structure"]) for r in rows if r["frame_id"] == "multilabel_1"}
     assert multi == {(f"surgery_{nn}", s) for (nn, _), here in present.items() for s in here}

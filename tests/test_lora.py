@@ -83,6 +83,47 @@ def test_dpo_lora_on_the_sft_adapter_uses_it_as_reference(lora_run, tmp_path, ti
     assert adapters.base_of(out) == str(workdir / "models/sft")  # an adapter on the SFT adapter
     assert m["parameters"]["vision"]["trainable"] > 0  # the dpo policy adapts every component
     load_model(str(out))  # base (itself adapter + base) + adapter
+    _served_with_the_real_layout(out, tmp_path)
+
+
+def _served_with_the_real_layout(adapter_dir, tmp_path):
+    """An adapter on an adapter on a base laid out as the real repo: it carries the real template
+    split and its training image size, and Ray Serve answers an image chat request with it
+    through the official openai client (a 1080p frame costs the image tokens of training)."""
+    import base64
+    import io
+
+    import numpy as np
+    import openai
+    from PIL import Image
+    from ray import serve
+
+    from cmevlm.model import layout
+    from cmevlm.serve import app
+    from conftest import free_port
+
+    names = {p.name for p in adapter_dir.iterdir()}
+    assert {"chat_template.json", "preprocessor_config.json", layout.TRAINING_IMAGES} <= names
+    assert not names & {"chat_template.jinja", "processor_config.json"}
+    assert json.loads((adapter_dir / "chat_template.json").read_text())["chat_template"] == layout.reference_templates()[1]
+    port = free_port()
+    cfg = _cfg(tmp_path / "serve", adapter_dir, f"serve.model={adapter_dir}", f"serve.port={port}", "serve.api_keys=[lora-test-key-0001]",
+               "serve.num_cpus_per_replica=0.5", "serve.max_tokens_cap=16")
+    app.run(cfg, block=False)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="lora-test-key-0001")
+        usage = []
+        for shape in ((56, 56, 3), (1080, 1920, 3)):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)).save(buf, format="PNG")
+            uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            r = client.chat.completions.create(model="cmevlm", max_tokens=8, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Identify the highlighted structure."}]}])
+            assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
+            usage.append(r.usage.prompt_tokens)
+        assert usage[0] == usage[1]  # the 1080p frame is brought to the training size: same image tokens
+    finally:
+        serve.shutdown()
 
 
 def test_targets_follow_the_freeze_policy(tiny_model_dir):

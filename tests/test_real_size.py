@@ -20,7 +20,7 @@ from cmevlm.config import load_config
 from cmevlm.model.loading import load
 from cmevlm.model.tiny import build_tiny_model
 from cmevlm.train.export import ExportError, export_dir, read_tensors, write_shard
-from conftest import free_port
+from conftest import free_port, weights
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = str(REPO / "configs" / "cluster.example.yaml")
@@ -256,7 +256,7 @@ def test_export_takes_frozen_tensors_from_the_base_and_trained_ones_from_the_che
     figures = export_dir(tiny_model_dir, trained, out, {"vision"}, "float32")
     from safetensors.torch import load_file
 
-    got, base, new = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors"), load_file(other / "model.safetensors")
+    got, base, new = load_file(out / "model.safetensors"), weights(tiny_model_dir), weights(other)
     vision = [k for k in got if "visual" in k and "merger" not in k]
     lm = [k for k in got if "visual" not in k]
     assert vision and lm and figures["from_base"] == len(vision)

@@ -112,7 +112,9 @@ PROBES = [
     ("chat", json.dumps(_chat(max_tokens=True)).encode(), "max_tokens"),
     ("chat", json.dumps(_chat(n=100)).encode(), "n"),
     ("chat", json.dumps(_chat(surprise=1)).encode(), "surprise"),
-    ("chat", json.dumps(_chat(image="data:image/png;base64," + _png(np.zeros((1, 300, 3), np.uint8)))).encode(), "cannot be processed"),
+    # A 1 x 300 strip is squared as ingest squares frames (padded to the training size): answered.
+    ("chat", json.dumps(_chat(image="data:image/png;base64," + _png(np.zeros((1, 300, 3), np.uint8)))).encode(), None),
+    ("chat", json.dumps(_chat(image="data:image/png;base64," + _png(np.zeros((30, 30, 3), np.uint8))[:60])).encode(), "image"),
     ("chat", json.dumps(_chat(text="word " * 5000, max_tokens=64)).encode(), "max_model_len"),
     ("chat", json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": GOOD_IMAGE}}] * 2}]}).encode(),
      "max_images_per_request"),
@@ -126,7 +128,7 @@ def test_every_probe_is_a_4xx_or_a_valid_200_and_metrics_count_the_status(server
     url = server + {"chat": "/v1/chat/completions", "explain": "/v1/explain"}[endpoint]
     before = {s: _status_count(server, endpoint, s) for s in (200, 400)}
     status, body = _post(url, raw=raw)
-    if fragment is None:  # a CMYK JPEG mask is a valid mask: answered
+    if fragment is None:  # a CMYK JPEG mask is a valid mask, a 1 x 300 strip a valid frame: answered
         assert status == 200, body
     else:
         assert status == 400 and fragment in json.loads(body)["error"]["message"], body
@@ -134,7 +136,7 @@ def test_every_probe_is_a_4xx_or_a_valid_200_and_metrics_count_the_status(server
 
 
 def test_one_bad_request_batched_with_three_good_ones_fails_alone(server):
-    bad = [_chat(image="data:image/png;base64," + _png(np.zeros((1, 300, 3), np.uint8))), _chat(seed="x", temperature=0.7)]
+    bad = [_chat(image="data:image/png;base64," + _png(np.zeros((30, 30, 3), np.uint8))[:60]), _chat(seed="x", temperature=0.7)]
     for b in bad:
         bodies = [b, _chat("One."), _chat("Two."), _chat("Three.")]
         with ThreadPoolExecutor(4) as ex:

@@ -20,6 +20,7 @@ from cmevlm.storage import Storage, join
 from cmevlm.train import dpo, sft
 from cmevlm.train.common import deepspeed_config, grad_accumulation
 from cmevlm.train.freeze import apply_freeze, component
+from conftest import weights
 
 TRAIN = ["sft.num_workers=2", "sft.max_steps=6", "sft.checkpoint_every=3", "sft.per_device_batch_size=2",
          "sft.effective_batch_size=8", "sft.lr=1e-3", "sft.zero_stage=2", "sft.keep_checkpoints=3"]
@@ -70,10 +71,12 @@ def test_sft_model_directory_is_complete_and_loads(sft_run, tiny_model_dir, synt
 
     out = sft_run[0] / "models/sft"
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
-            "processor_config.json", "training_args.json", "metrics.jsonl", "loss.png", "manifest.json"} <= names
-    with safe_open(out / "model.safetensors", "pt") as f, safe_open(tiny_model_dir / "model.safetensors", "pt") as g:
-        assert set(f.keys()) == set(g.keys())  # the base architecture's names, no model.model.*
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.json", "preprocessor_config.json", "cmevlm_images.json", "training_args.json", "metrics.jsonl",
+            "loss.png", "manifest.json"} <= names
+    assert not names & {"chat_template.jinja", "processor_config.json"}  # the real repo's split, nothing to mislead a loader
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(weights(tiny_model_dir))  # the base architecture's names, no model.model.*
         assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
     args = json.loads((out / "training_args.json").read_text())
     assert args["gradient_accumulation_steps"] == 2 and args["effective_batch_size_actual"] == 8 and args["zero_stage"] == 2
@@ -156,8 +159,8 @@ def test_dpo_zero3_trains_every_component_from_ln2(sft_run, tmp_path, tiny_model
     before, after = _params(workdir / "models/sft"), _params(workdir / "models/dpo")
     for comp in ("vision", "merger", "lm"):
         assert any(not torch.equal(before[k], after[k]) for k in before if component(k) == comp), comp
-    with safe_open(workdir / "models/dpo/model.safetensors", "pt") as f, safe_open(tiny_model_dir / "model.safetensors", "pt") as g:
-        assert set(f.keys()) == set(g.keys())  # ZeRO-3 export keeps the architecture's names
+    with safe_open(workdir / "models/dpo/model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(weights(tiny_model_dir))  # ZeRO-3 export keeps the architecture's names
     assert json.loads((workdir / "models/dpo/training_args.json").read_text())["beta"] == 0.1
 
 

@@ -9,8 +9,11 @@ weights (random models from the public configs in configs/models/). At most ~10 
    batch 4 of 610 tokens. Tokens/s, MFU, peak memory.
 
 Each peak (torch.cuda.max_memory_allocated) is compared with `cmevlm plan`'s estimate for the
-same settings, less the plan's fixed per-process overhead (target: within 15 %). Make the two
-plans where cmevlm is installed and carry them along:
+same settings, less the plan's fixed per-process overhead (target: within 15 %). Training is
+compared phase by phase (docs/plan.md, "Phases"): the forward peak with the plan's weights,
+optimiser, autocast copies, activations and logits; the backward + step peak with its weights,
+optimiser, gradients, activations and logits; the plan's sum of all parts is an upper bound
+that no phase reaches. Make the two plans where cmevlm is installed and carry them along:
 
     cmevlm plan --config bench/gpu/plan.yaml --json > .gpu/plan-7b.json
     cmevlm plan --config bench/gpu/plan.yaml --set model.config_json=configs/models/qwen2.5-vl-3b-instruct.json --json > .gpu/plan-3b.json
@@ -28,6 +31,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent.parent
 IMAGE_SIZE, PROMPT_TOKENS, ANSWER_TOKENS, NEW_TOKENS = 448, 96, 256, 64  # as in bench/gpu/plan.yaml
+# Every decoding setting stated (a model's generation_config.json fills whatever is left unset).
+GREEDY = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
 def random_model(size: str, dtype):
@@ -64,11 +69,11 @@ def serving(results: dict) -> None:
     for batch in (1, 8):
         inputs = batch_inputs(config, batch, PROMPT_TOKENS)
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **GREEDY)  # warm-up
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **GREEDY)
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         results["serve"][f"batch_{batch}"] = {"tokens_per_s": round(batch * NEW_TOKENS / dt, 1), "seconds": round(dt, 2),
@@ -88,36 +93,67 @@ def training(results: dict, size: str, steps: int, peak_tflops: float) -> None:
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     inputs = batch_inputs(config, 4, PROMPT_TOKENS + ANSWER_TOKENS)
     tokens = inputs["input_ids"].numel()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, forward_peak, backward_peak = [], 0, 0
     for step in range(steps):
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**inputs, labels=inputs["input_ids"]).loss
+        torch.cuda.synchronize()
+        forward_peak = max(forward_peak, torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        backward_peak = max(backward_peak, torch.cuda.max_memory_allocated())
         times.append(time.perf_counter() - t0)
     dt = sum(times[2:]) / max(1, len(times) - 2)  # after two warm-up steps
     lm = sum(p.numel() for n, p in model.named_parameters() if ".visual." not in f".{n}")
     flops = 6 * lm * tokens  # forward + backward of the language model (recompute not counted: MFU, not HFU)
     results["train"] = {"model": size, "tokens_per_step": tokens, "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 3),
-                        "mfu": round(flops / dt / (peak_tflops * 1e12), 3), "peak_gib": gib(torch.cuda.max_memory_allocated()),
+                        "mfu": round(flops / dt / (peak_tflops * 1e12), 3), "peak_gib": gib(max(forward_peak, backward_peak)),
+                        "forward_peak_gib": gib(forward_peak), "backward_peak_gib": gib(backward_peak),
                         "loss": round(loss.item(), 3)}
 
 
+# The parts of a training plan alive in each phase of a step (docs/plan.md, "Phases"). Forward:
+# autocast's bf16 weight copies are cached, no gradient exists yet (zeroed to None after each step).
+# Backward + step: the gradients grow while the activations are freed; autocast's copies are gone
+# (its cache is dropped when the autocast block ends; recomputation makes them one layer at a time).
+ALWAYS = ("weights", "optimizer", "gather buffer", "reference")
+FORWARD = ALWAYS + ("autocast copies", "activations", "logits")
+BACKWARD = ALWAYS + ("gradients", "activations", "logits")
+
+
+def phase_estimates(parts_gib: dict) -> dict:
+    """{forward, backward, peak} in GiB from a plan stage's parts (overhead left out: the
+    allocator's peak does not see the CUDA context)."""
+    fwd = sum(v for k, v in parts_gib.items() if k in FORWARD)
+    bwd = sum(v for k, v in parts_gib.items() if k in BACKWARD)
+    return {"forward": round(fwd, 2), "backward": round(bwd, 2), "peak": round(max(fwd, bwd), 2)}
+
+
 def compare(results: dict, plan_file: str | None, stage: str, key: str) -> None:
-    """measured peak / (plan's need - its overhead): the allocator's peak excludes the CUDA context."""
+    """measured peak / the plan's estimate (less its overhead: the allocator's peak excludes the
+    CUDA context); training phase by phase."""
     if not plan_file:
         return
     plan = json.loads(Path(plan_file).read_text())
     st = next(s for s in plan["stages"] if s["stage"] == stage)
-    estimate = st["need_gib"] - st["parts_gib"].get("overhead", 0)
-    measured = results[key]["batch_8"]["peak_gib"] if key == "serve" else results[key]["peak_gib"]
-    results[key]["plan_estimate_gib"] = round(estimate, 2)
-    results[key]["measured_over_plan"] = round(measured / estimate, 3)
+    r = results[key]
+    if key == "serve":
+        estimate = st["need_gib"] - st["parts_gib"].get("overhead", 0)
+        r["plan_estimate_gib"] = round(estimate, 2)
+        r["measured_over_plan"] = round(r["batch_8"]["peak_gib"] / estimate, 3)
+        return
+    phases = phase_estimates(st["parts_gib"])
+    r["plan_phases_gib"] = phases
+    r["plan_sum_of_parts_gib"] = round(st["need_gib"] - st["parts_gib"].get("overhead", 0), 2)
+    r["forward_over_plan"] = round(r["forward_peak_gib"] / phases["forward"], 3)
+    r["backward_over_plan"] = round(r["backward_peak_gib"] / phases["backward"], 3)
+    r["measured_over_plan"] = round(r["peak_gib"] / phases["peak"], 3)
 
 
 def main() -> None:
