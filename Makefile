@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# The environment this stack needs (one BLAS thread per process, no Ray usage reporting or
-# token auth, no model hub, DeepSpeed's compiled ops inside .venv) is set in one place,
+# The environment this stack needs (one BLAS thread per process, no Ray usage reporting, a
+# fresh auth token for each local Ray, no model hub, DeepSpeed's compiled ops inside .venv) is set
+# in one place,
 # cmevlm.cluster.ENV_DEFAULTS, and applied by the CLI, the tests and the benches themselves.
 
 HELM := $(BIN)/helm
