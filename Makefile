@@ -64,7 +64,7 @@ demo: install
 	$(BIN)/cmevlm demo
 
 test: install browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
