@@ -156,14 +156,10 @@ def _list_dsad(storage: Storage, source: Source, root: str, files: list[str]):
         if "image" not in kinds or "mask" not in kinds:
             quarantine.append(quarantine_entry(root, f"{'mask' if 'mask' in kinds else 'image'} without its pair", procedure_id=pid, frame_id=fid, structure=structure, path=next(iter(kinds.values()))))
             continue
-        name = DSAD_TO_CME.get(structure, structure)
         if structure not in DSAD_STRUCTURES:
             quarantine.append(quarantine_entry(root, f"unknown structure {structure!r}", procedure_id=pid, frame_id=fid, structure=structure, path=kinds["mask"]))
             continue
-        meta = procs.get(pid, {})
-        records.append(_record(source, root, meta.get("site") or source.site, pid, fid, join(root, kinds["image"]),
-                               meta.get("laterality") or "unknown", meta.get("phase") or "unknown",
-                               [_mask(root, kinds["mask"], pid, fid, name, name in STRUCTURES, absent_ok=False)]))
+        records.append(_dsad_record(source, root, procs, pid, fid, kinds["image"], [_dsad_mask(root, kinds["mask"], pid, fid, structure, False)]))
     for (nn, k), entry in sorted(multi.items()):
         rec = _multilabel_record(source, root, procs, nn, k, entry, quarantine)
         if rec:
@@ -185,11 +181,22 @@ def _multilabel_record(source: Source, root: str, procs: dict, nn: str, k: str, 
         if structure not in DSAD_STRUCTURES:
             quarantine.append(quarantine_entry(root, f"unknown structure {structure!r}", procedure_id=pid, frame_id=fid, structure=structure, path=rel))
             continue
-        name = DSAD_TO_CME.get(structure, structure)
-        masks.append(_mask(root, rel, pid, fid, name, name in STRUCTURES, absent_ok=True))
+        masks.append(_dsad_mask(root, rel, pid, fid, structure, True))
+    return _dsad_record(source, root, procs, pid, fid, entry["image"], masks) if masks else None
+
+
+def _dsad_mask(root: str, rel: str, pid: str, fid: str, structure: str, absent_ok: bool) -> dict:
+    """A DSAD structure's mask under its CME name where it has one (only the pancreas)."""
+    name = DSAD_TO_CME.get(structure, structure)
+    return _mask(root, rel, pid, fid, name, name in STRUCTURES, absent_ok=absent_ok)
+
+
+def _dsad_record(source: Source, root: str, procs: dict, pid: str, fid: str, image_rel: str, masks: list[dict]) -> dict:
+    """A DSAD frame: site, laterality and phase from the optional procedures.csv, else the
+    source's site and `unknown` (DSAD has neither)."""
     meta = procs.get(pid, {})
-    return _record(source, root, meta.get("site") or source.site, pid, fid, join(root, entry["image"]),
-                   meta.get("laterality") or "unknown", meta.get("phase") or "unknown", masks) if masks else None
+    return _record(source, root, meta.get("site") or source.site, pid, fid, join(root, image_rel),
+                   meta.get("laterality") or "unknown", meta.get("phase") or "unknown", masks)
 
 
 def _record(source: Source, root: str, site: str, pid: str, fid: str, frame_uri: str, laterality: str, phase: str, masks: list[dict]) -> dict:

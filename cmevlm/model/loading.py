@@ -41,7 +41,6 @@ def make_processor(tokenizer, min_pixels: int = layout.REAL_MIN_PIXELS, max_pixe
     """A Qwen2_5_VLProcessor from a tokenizer and the PIL image processor (no video); the chat
     template defaults to Qwen2.5-VL's own (the real repo's chat_template.json, as TRL ships it)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from trl.chat_template_utils import qwen2_5_vl_chat_template
 
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
                                                image_mean=layout.CLIP_MEAN, image_std=layout.CLIP_STD)
@@ -49,7 +48,7 @@ def make_processor(tokenizer, min_pixels: int = layout.REAL_MIN_PIXELS, max_pixe
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=None,
-        chat_template=chat_template or qwen2_5_vl_chat_template,
+        chat_template=chat_template or layout.reference_templates()[1],
     )
 
 
