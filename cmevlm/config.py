@@ -182,7 +182,7 @@ class _Training(_Section):
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a cluster).")
     use_gpu: bool = Field(False, description="Workers take a GPU each.")
-    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1, accelerator_type:H100: 0.001}.")
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 6, GPU: 1}; `cmevlm plan --values` checks that Ray can place them on the chart's pods.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="How workers are placed on nodes.")
     epochs: float = Field(1.0, gt=0, description="Passes over the dataset.")
     max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1 = run the epochs).")

@@ -63,11 +63,19 @@ def run_values(target: str, cfg: RunConfig) -> dict:
 
 def render(target: str, cfg: RunConfig, namespace: str = "default", values_files: tuple[str, ...] = ()) -> list[dict]:
     """The objects the chart renders for this run, in the order to create them."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        yaml.safe_dump(run_values(target, cfg), f)
-        f.flush()
-        args = [helm_binary(), "template", release_name(target, cfg), str(CHART), "--namespace", namespace]
-        for v in (*values_files, f.name):
+    docs = template(release_name(target, cfg), [*values_files, run_values(target, cfg)], namespace)
+    return sorted(docs, key=lambda d: d["kind"] == "RayJob")  # the RayJob last, once what it needs exists
+
+
+def template(release: str, values: list, namespace: str = "default") -> list[dict]:
+    """`helm template` of the chart with `values` (files, or dicts written to temporary files) in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [helm_binary(), "template", release, str(CHART), "--namespace", namespace]
+        for i, v in enumerate(values):
+            if isinstance(v, dict):
+                path = Path(tmp) / f"values-{i}.yaml"
+                path.write_text(yaml.safe_dump(v))
+                v = path
             args += ["-f", str(v)]
         r = subprocess.run(args, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
@@ -75,7 +83,7 @@ def render(target: str, cfg: RunConfig, namespace: str = "default", values_files
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     for d in docs:
         d["metadata"]["namespace"] = namespace
-    return sorted(docs, key=lambda d: d["kind"] == "RayJob")  # the RayJob last, once what it needs exists
+    return docs
 
 
 def rayjob(docs: list[dict]) -> dict:

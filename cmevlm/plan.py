@@ -318,11 +318,12 @@ def make_plan(cfg: RunConfig, stages: tuple[str, ...] = (*TRAIN_STAGES, *INFER_S
         plans.append(p)
     export = export_plan(cfg, s)
     pods = pod_checks(cfg, s, values) if values else []
+    placed = placement_checks(cfg, values) if values else []
     image_tokens, patches = image_sizes(cfg, s)
     return {"model": {"config": config_path(cfg), "parameters": s.params, "total": s.total},
             "images": {"side": cfg.data.image_size, "image_tokens": image_tokens, "vision_patches": patches},
-            "stages": [p.as_dict() for p in plans], "export": export, "pods": pods,
-            "fits": all(p.fits for p in plans) and export["fits"] and all(c["fits"] for c in pods)}
+            "stages": [p.as_dict() for p in plans], "export": export, "pods": pods, "placement": placed,
+            "fits": all(p.fits for p in plans) and export["fits"] and all(c["fits"] for c in (*pods, *placed))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,22 +380,33 @@ def pod_checks(cfg: RunConfig, s: Shape, values: dict) -> list[dict]:
         t = getattr(cfg, stage)
         if not t.use_gpu:
             continue
-        checks.append(_check(f"{stage} GPUs", t.num_workers, gpus, "GPUs", "workers.h100.maxReplicas x gpus"))
         per_pod = min(gpus_per_pod, t.num_workers) or 1
         host = sum(train_plan(cfg, s, stage).host.values())
         loading = (2 if t.bf16 else 4) * (s.largest if t.zero_stage == 3 else s.total) / GiB  # the weights as a worker loads them
         checks.append(_check(f"{stage} host memory per h100 pod", per_pod * (host + loading + 2), mem(h100["resources"]) if h100 else 0,
                              "GiB", "workers.h100.resources.limits.memory, or fewer GPUs per pod"))
-    for stage in ("sample", "evaluate"):
-        sc = getattr(cfg, stage)
-        if sc.num_gpus_per_actor > 0:
-            checks.append(_check(f"{stage} GPUs", sc.concurrency * sc.num_gpus_per_actor, gpus, "GPUs", f"{stage}.concurrency"))
     serve = values["serve"]
     if serve.get("enabled") and cfg.serve.num_gpus_per_replica > 0:
         per = float(serve["rtx4090"]["resources"]["limits"].get("nvidia.com/gpu", 0))
         checks.append(_check("serve GPUs", serve["maxReplicas"] * cfg.serve.num_gpus_per_replica, per * serve["rtx4090"]["maxReplicas"],
                              "GPUs", "serve.rtx4090.maxReplicas (a NewCluster upgrade needs twice as many for a while)"))
     return checks
+
+
+def placement_checks(cfg: RunConfig, values: dict) -> list[dict]:
+    """Every stage's Ray requests against the Ray clusters the chart renders with `values`
+    (cmevlm.placement: Ray's own autoscaler decides)."""
+    from cmevlm import k8s, placement
+    from cmevlm.config import public_dict
+    from cmevlm.errors import CmevlmError
+
+    try:
+        docs = k8s.template("plan", [values, {"runConfig": public_dict(cfg), "pipeline": {"enabled": True}}])
+    except CmevlmError as e:
+        raise PlanError(f"the placement check renders the chart: {e}") from None
+    clusters = {"job": d["spec"]["rayClusterSpec"] for d in docs if d["kind"] == "RayJob"}
+    clusters |= {"serve": d["spec"]["rayClusterConfig"] for d in docs if d["kind"] == "RayService"}
+    return placement.checks(cfg, clusters)
 
 
 def render(plan: dict) -> str:
@@ -419,6 +431,12 @@ def render(plan: dict) -> str:
     for c in plan.get("pods", []):
         lines.append(f"{'pods':<9}{c['check']:<40} need {c['need']:g} {c['unit']}, has {c['have']:g}: "
                      f"{'yes' if c['fits'] else 'NO (' + c['fix'] + ')'}")
+    for c in plan.get("placement", []):
+        pods = ", ".join(f"{g} x{n}" for g, n in c["pods"].items()) or "running pods"
+        lines.append(f"{'place':<9}{c['stage']:<9}{c['asks']:<34} {c['what']}: " + (f"yes ({pods})" if c["fits"] else "NO"))
+    for c in plan.get("placement", []):
+        if not c["fits"]:
+            lines.append(f"{c['stage']} cannot be placed by Ray: {c['asks']} ({c['what']}); Ray would wait for ever. {c['fix']}")
     for st in plan["stages"]:
         if not st["fits"]:
             short = st["need_gib"] - st["capacity_gib"]

@@ -316,11 +316,12 @@ def test_plan_with_the_charts_values_checks_its_pods(tmp_path, capsys):
     values.write_text(yaml.safe_dump(site))
     assert main(["plan", "--values", str(values)]) == 0
     out = capsys.readouterr().out
-    assert "sft GPUs" in out and "need 8 GPUs, has 8: yes" in out and "serve GPUs" in out
+    assert "8 x {CPU: 1, GPU: 1}" in out and "Ray Train workers (PACK): yes (h100 x1)" in out and "serve GPUs" in out
     assert main(["plan", "--values", str(values), "--set", "sft.num_workers=16"]) == 3
-    assert "need 16 GPUs, has 8: NO (workers.h100.maxReplicas x gpus)" in capsys.readouterr().out
+    assert "sft cannot be placed by Ray" in capsys.readouterr().out
     site["head"] = {"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "2Gi"}}}
     site["runConfig"]["sft"]["zero_stage"] = 2  # every worker loads the whole bf16 model on the host
+    site["workers"] = {"h100": {"resources": {"requests": {"cpu": "64", "memory": "128Gi"}, "limits": {"cpu": "64", "memory": "128Gi"}}}}
     values.write_text(yaml.safe_dump(site))
     assert main(["plan", "--values", str(values)]) == 3
     out = capsys.readouterr().out
