@@ -70,7 +70,7 @@ def test_scenario_renders_valid_secure_objects(scenario, tmp_path):
                     assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp", "/etc/cmevlm"}
                     assert c["resources"]["requests"] and c["resources"]["limits"]
                     assert all("value" not in e or e["name"] == "RAY_USAGE_STATS_ENABLED" for e in c.get("env", []))
-                    assert c["envFrom"][0]["secretRef"]["name"]  # secrets by reference only
+                    assert "envFrom" not in c  # no pod gets the whole Secret (test_each_pod_gets_only_the_keys_it_uses)
         else:
             kubernetes_validate.validate(d, "1.37.0", strict=True)
     text = yaml.safe_dump_all(docs)
@@ -108,8 +108,78 @@ def test_no_pod_but_the_heads_mounts_a_service_account_token(tmp_path):
             if d["kind"] == "RayJob":
                 assert d["spec"]["submitterPodTemplate"]["spec"]["automountServiceAccountToken"] is False
     rbac = {d["kind"]: d for d in render(None, tmp_path) if d["kind"] in ("ServiceAccount", "Role", "RoleBinding")}
-    assert {r["resources"][0] for r in rbac["Role"]["rules"]} == {"pods", "rayclusters"}
-    assert all("create" not in r["verbs"] and "delete" not in r["verbs"] for r in rbac["Role"]["rules"])
+    # exactly the calls Ray 2.60's KubeRay providers make: GET pods (list, the head), GET and PATCH its RayCluster
+    assert {r["resources"][0]: r["verbs"] for r in rbac["Role"]["rules"]} == {"pods": ["get", "list"], "rayclusters": ["get", "patch"]}
+
+
+def test_the_autoscalers_role_covers_every_call_ray_makes():
+    """Read the API paths and verbs out of Ray's own KubeRay providers (v1 and v2): every one must
+    be in the Role, and nothing more is granted."""
+    import re
+
+    import ray
+
+    base = Path(ray.__file__).parent / "autoscaler"
+    calls = set()
+    for f in (base / "_private" / "kuberay" / "node_provider.py",
+              base / "v2" / "instance_manager" / "cloud_providers" / "kuberay" / "cloud_provider.py"):
+        for verb, path in re.findall(r"self\._(get|patch)\(\s*f?\"([a-z]+)", f.read_text()):
+            calls.add((path, verb))
+    assert calls == {("pods", "get"), ("rayclusters", "get"), ("rayclusters", "patch")}, calls
+
+
+def _secret_env(container: dict) -> set[str]:
+    return {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_each_pod_gets_only_the_keys_it_uses(tmp_path):
+    """The teacher key only where the teacher is called, the serving keys only on the serving
+    cluster, the object store's everywhere; and the names are the ones the code reads."""
+    import re
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["secretKeys"]
+    storage, teacher, serve = set(values["storage"]), set(values["teacher"]), set(values["serve"])
+    read = set(re.findall(r'"([A-Z]+_[A-Z_]*(?:_KEY|_KEYS|_KEY_ID))"', "".join(
+        f.read_text() for f in (ROOT / "cmevlm").rglob("*.py"))))
+    assert read == storage | teacher | serve, read
+    seen = set()
+    every = tmp_path / "every.yaml"
+    every.write_text(yaml.safe_dump({"stages": {name: {"enabled": True} for name in stages.NAMES}}))
+    for d in render(every, tmp_path):
+        if not d["apiVersion"].startswith("ray.io/"):
+            continue
+        for tpl in pod_specs(d):
+            calls_teacher = tpl["metadata"]["labels"].get("cmevlm.io/calls-teacher") == "true"
+            stage = tpl["metadata"]["labels"]["cmevlm.io/stage"]
+            expected = storage | (teacher if calls_teacher else set()) | (serve if stage == "serve" else set())
+            for c in tpl["spec"]["containers"]:
+                assert _secret_env(c) == expected, (d["metadata"]["name"], stage)
+            seen.add((stage, calls_teacher))
+    assert {("serve", False), ("sft", False), ("teach", True), ("pipeline", True)} <= seen
+
+
+def test_every_ray_cluster_runs_token_auth_and_its_submitter_authenticates(tmp_path):
+    """KubeRay authOptions mode token on every RayJob and RayService of every scenario; the
+    submitter (`ray job submit` to the head's Job API) carries the same Secret's token;
+    nothing renders RAY_AUTH_MODE=disabled, and no value turns auth off."""
+    clusters = 0
+    for scenario in SCENARIOS:
+        docs = render(scenario, tmp_path)
+        assert "disabled" not in yaml.safe_dump_all(docs)
+        for d in docs:
+            if d["kind"] not in ("RayJob", "RayService"):
+                continue
+            cluster = d["spec"].get("rayClusterSpec") or d["spec"]["rayClusterConfig"]
+            assert cluster["authOptions"] == {"mode": "token", "secretName": "cmevlm-ray-token"}
+            clusters += 1
+            if d["kind"] == "RayJob":
+                env = {e["name"]: e for e in d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]}
+                assert env["RAY_AUTH_MODE"]["value"] == "token"
+                assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "cmevlm-ray-token", "key": "auth_token"}
+    assert clusters >= len(SCENARIOS)
+    for bad in ("rayAuth.mode=disabled", "rayAuth.secretName="):
+        r = subprocess.run([HELM, "template", "rel", str(CHART), "--set", bad], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "rayAuth" in r.stderr
 
 
 def test_chart_stages_are_the_registry(tmp_path):
@@ -374,3 +444,23 @@ def test_values_cannot_inject_yaml_or_serve_applications(tmp_path):
     model_set = [s for s in apps[0]["args"]["set"] if s.startswith("serve.model=")]
     assert len(model_set) == 1 and yaml.safe_load(model_set[0].split("=", 1)[1]) == markers["MARKER0"]
     assert not any("api_keys" in s.split("=", 1)[0] for s in apps[0]["args"]["set"])
+
+
+def test_upgrade_and_deletion_options_render_what_the_crds_accept(tmp_path):
+    """RayService NewClusterWithIncrementalUpgrade (needs a gateway class) and RayJob
+    deletionStrategy (instead of shutdownAfterJobFinishes), both validated against the CRDs."""
+    rules = {"deletionRules": [{"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 0}, "policy": "DeleteCluster"},
+                               {"condition": {"jobStatus": "FAILED", "ttlSeconds": 86400}, "policy": "DeleteCluster"}]}
+    values = tmp_path / "v.yaml"
+    values.write_text(yaml.safe_dump({"serve": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                                                "incrementalUpgrade": {"gatewayClassName": "istio"}},
+                                      "rayJob": {"deletionStrategy": rules}}))
+    docs = {d["kind"]: d for d in render(values, tmp_path)}
+    for kind in ("RayJob", "RayService"):
+        validate_crd(docs[kind])
+    assert docs["RayService"]["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["gatewayClassName"] == "istio"
+    job = docs["RayJob"]["spec"]
+    assert job["deletionStrategy"] == rules and "shutdownAfterJobFinishes" not in job and "ttlSecondsAfterFinished" not in job
+    r = subprocess.run([HELM, "template", "rel", str(CHART), "--set", "serve.upgradeStrategy=NewClusterWithIncrementalUpgrade"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "gatewayClassName is required" in r.stderr

@@ -26,8 +26,42 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* cmevlm.container: a Ray container. Args: (dict "ctx" $ "name" NAME "resources" RES). Secrets
-come from the existing Secret by reference only; the run config from the ConfigMap. */}}
+{{/* cmevlm.secretEnv: the keys of existingSecret this pod uses, each by reference (a missing key
+is left unset): the object store's everywhere, the teacher's only where `teacher` (teach,
+prefer, evaluate, the pipeline, a site), the serving keys only where `serve`. The names are
+secretKeys in values.yaml. Args: (dict "ctx" $ "teacher" BOOL "serve" BOOL). */}}
+{{- define "cmevlm.secretEnv" -}}
+{{- $k := .ctx.Values.secretKeys -}}
+{{- $keys := $k.storage -}}
+{{- if .teacher }}{{ $keys = concat $keys $k.teacher }}{{ end -}}
+{{- if .serve }}{{ $keys = concat $keys $k.serve }}{{ end -}}
+{{- range $keys }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef: {name: {{ $.ctx.Values.existingSecret | quote }}, key: {{ . }}, optional: true}
+{{- end }}
+{{- end -}}
+
+{{/* cmevlm.authOptions: KubeRay's Ray token authentication of a Ray cluster (KubeRay 1.5.1+,
+Ray 2.52+): every Ray container gets RAY_AUTH_MODE=token and the token of rayAuth.secretName
+(key auth_token); the GCS, the raylets and the dashboard (the Job API) refuse anyone without it. */}}
+{{- define "cmevlm.authOptions" -}}
+authOptions:
+  mode: token
+  secretName: {{ .Values.rayAuth.secretName | quote }}
+{{- end -}}
+
+{{/* cmevlm.authEnv: what a client of a head (the RayJob's submitter) needs to authenticate. */}}
+{{- define "cmevlm.authEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.rayAuth.secretName | quote }}, key: auth_token}
+{{- end -}}
+
+{{/* cmevlm.container: a Ray container. Args: (dict "ctx" $ "name" NAME "resources" RES "teacher"
+BOOL "serve" BOOL). Secrets come from the existing Secret by reference only, each key only
+where it is used (cmevlm.secretEnv); the run config from the ConfigMap. */}}
 {{- define "cmevlm.container" -}}
 {{- $ := .ctx -}}
 - name: {{ .name }}
@@ -41,13 +75,10 @@ come from the existing Secret by reference only; the run config from the ConfigM
     {{- toYaml .resources | nindent 4 }}
   securityContext:
     {{- include "cmevlm.containerSecurity" $ | nindent 4 }}
-  envFrom:
-    - secretRef:
-        name: {{ $.Values.existingSecret | quote }}
-        optional: true
   env:
     - name: RAY_USAGE_STATS_ENABLED
       value: "0"
+    {{- include "cmevlm.secretEnv" (dict "ctx" $ "teacher" .teacher "serve" .serve) | nindent 4 }}
   volumeMounts:
     - name: run-config
       mountPath: /etc/cmevlm
@@ -114,6 +145,7 @@ up to maxReplicas as Ray asks. Args: (dict "ctx" $ "cluster" NAME "stage" STAGE 
 {{- $teacher := .teacher -}}
 {{- $fixed := include "cmevlm.kueueFixed" $ -}}
 rayVersion: {{ $.Values.rayVersion | quote }}
+{{ include "cmevlm.authOptions" $ }}
 {{- if $fixed }}
 enableInTreeAutoscaling: false  # Kueue admits a fixed-size cluster (kueue.mode: fixed)
 {{- else }}
@@ -137,7 +169,7 @@ headGroupSpec:
     spec:
       {{- include "cmevlm.podExtras" (dict "ctx" $ "head" true) | nindent 6 }}
       containers:
-        {{- include "cmevlm.container" (dict "ctx" $ "name" "ray-head" "resources" $.Values.head.resources "ports" (list (dict "containerPort" 6379 "name" "gcs") (dict "containerPort" 8265 "name" "dashboard") (dict "containerPort" 10001 "name" "client"))) | nindent 8 }}
+        {{- include "cmevlm.container" (dict "ctx" $ "name" "ray-head" "teacher" $teacher "resources" $.Values.head.resources "ports" (list (dict "containerPort" 6379 "name" "gcs") (dict "containerPort" 8265 "name" "dashboard") (dict "containerPort" 10001 "name" "client"))) | nindent 8 }}
 workerGroupSpecs:
   {{- range $group := list "cpu" "h100" }}
   {{- $w := index $.Values.workers $group }}
@@ -172,7 +204,7 @@ workerGroupSpecs:
         {{- end }}
         {{- end }}
         containers:
-          {{- include "cmevlm.container" (dict "ctx" $ "name" "ray-worker" "resources" $res) | nindent 10 }}
+          {{- include "cmevlm.container" (dict "ctx" $ "name" "ray-worker" "teacher" $teacher "resources" $res) | nindent 10 }}
   {{- end }}
   {{- end }}
 {{- end -}}
@@ -203,8 +235,13 @@ spec:
   {{- if $.Values.kueue.queueName }}
   suspend: true
   {{- end }}
+  {{- with $.Values.rayJob.deletionStrategy }}
+  deletionStrategy:  # KubeRay 1.5+, feature gate RayJobDeletionPolicy; replaces shutdownAfterJobFinishes
+    {{- toYaml . | nindent 4 }}
+  {{- else }}
   shutdownAfterJobFinishes: {{ $.Values.rayJob.shutdownAfterJobFinishes }}
   ttlSecondsAfterFinished: {{ $.Values.rayJob.ttlSecondsAfterFinished }}
+  {{- end }}
   activeDeadlineSeconds: {{ $.Values.rayJob.activeDeadlineSeconds }}
   backoffLimit: {{ $.Values.rayJob.backoffLimit }}
   submissionMode: K8sJobMode
@@ -227,6 +264,8 @@ spec:
             limits: {cpu: 500m, memory: 512Mi}
           securityContext:
             {{- include "cmevlm.containerSecurity" $ | nindent 12 }}
+          env:  # `ray job submit` to the head's Job API, which token auth guards
+            {{- include "cmevlm.authEnv" $ | nindent 12 }}
           volumeMounts:
             - name: tmp
               mountPath: /tmp
