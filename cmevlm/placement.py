@@ -81,6 +81,9 @@ def stage_demands(cfg: RunConfig) -> list[Demand]:
             demands.append(_actors("prefer", "judge actors", "judge", cfg.judge))
     demands.append(_actors("evaluate", "Ray Data model actors", "evaluate", cfg.evaluate, cfg.evaluate.num_gpus_per_actor))
     demands.append(_actors("evaluate", "judge actors", "judge", cfg.judge))
+    e = cfg.evaluate
+    demands.append(Demand("evaluate", "metrics actors (BLEU, BERTScore)", {"CPU": float(e.metrics_num_cpus), "memory": e.metrics_memory_gb * 2**30},
+                          e.metrics_concurrency, None, "evaluate.metrics_num_cpus / evaluate.metrics_memory_gb"))
     s = cfg.serve
     replica = {"CPU": float(s.num_cpus_per_replica), **({"GPU": float(s.num_gpus_per_replica)} if s.num_gpus_per_replica else {}),
                **({f"accelerator_type:{s.accelerator_type}": 0.001} if s.accelerator_type else {})}

@@ -182,3 +182,30 @@ def test_answers_the_judge_left_unscored_are_counted_in_the_report():
     assert counts == {"blocked": 1, "failed": 1}
     assert "1 blocked by the model (not retried), 1 failed" in report.left_out_text({"judge_failed": counts})
     assert report.left_out_text({"judge_failed": {"blocked": 0, "failed": 0}}) is None
+
+
+def test_the_measures_run_in_ray_actors_and_not_on_the_driver(ray_local):
+    """BLEU-4, BERTScore and the rubric measures grow with the test set: they run on a Ray Data
+    actor pool with CPU and memory requests (on a cluster: workers, not the 0-CPU head). The
+    driver's own CPU time stays a fraction of what the same work costs when done on it, and
+    the scores are the same."""
+    import random
+    import time
+
+    from cmevlm.evaluate import metrics as M
+
+    cfg = load_config(overrides=["evaluate.metrics_batch_size=16"])
+    rnd = random.Random(0)
+    words = "the pancreas duodenum lies left right of the vein plane angels hair inferior mesenteric here".split()
+    rows = [{"answer": " ".join(rnd.choices(words, k=30)), "ground_truth": " ".join(rnd.choices(words, k=30)),
+             "structure": "pancreas", "laterality": rnd.choice(["left", "right"])} for _ in range(48)]
+    t = time.process_time()
+    evaluation.score(cfg, rows)
+    driver = time.process_time() - t
+    t = time.process_time()
+    f1 = M.bertscore_f1([r["answer"] for r in rows], [r["ground_truth"] for r in rows])
+    bleu = [M.bleu4(r["answer"], r["ground_truth"]) for r in rows]
+    alone = time.process_time() - t
+    assert [r["bertscore_f1"] for r in rows] == pytest.approx(f1, abs=1e-5) and [r["bleu4"] for r in rows] == bleu
+    assert all({"structure_ok", "laterality_error", "length", "repetition"} <= set(r) for r in rows)
+    assert driver < alone / 2, (driver, alone)

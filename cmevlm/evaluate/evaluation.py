@@ -6,8 +6,11 @@ not automate: laterality errors, per-structure and per-site results, significanc
 
 Every model in `evaluate.models` answers every test item greedily (a Ray Data actor pool per
 model, one replica per actor, parts written per batch so a rerun answers only what is
-missing). Then, on the driver: BLEU-4 (sacrebleu), BERTScore F1, the LLM judge (text only,
-through the shared guarded client), rubric measures, breakdowns and Wilcoxon tests; outputs
+missing). BLEU-4 (sacrebleu), BERTScore F1 and the rubric measures of every answer run on a Ray
+Data actor pool too (`evaluate.metrics_*`: CPUs and memory Ray accounts for, so on a cluster
+they run on workers, never on the head, whose Ray CPUs are 0); the LLM judge's requests go
+through the shared guarded client's actor pool. The driver only orchestrates and tabulates:
+breakdowns and Wilcoxon tests; outputs
 `eval/metrics.json`, `eval/answers.parquet`, `eval/report.html` and `eval/report.md`.
 """
 
@@ -129,25 +132,52 @@ def check_missing(cfg: RunConfig, st: Storage, out: str, models: dict[str, str])
 
 
 def answer(cfg: RunConfig, st: Storage, models: dict[str, str], items: list[dict]) -> list[dict]:
-    """Every model's answer to every item (Ray), with the per-answer measures that need no model."""
+    """Every model's answer to every item (Ray), one row each with its ground truth."""
     rows = []
     for (name, uri), mode in ((m, d) for m in models.items() for d in modes(cfg)):
         answers = answer_all(cfg, st, name, uri, items, mode)
         for it in items:
-            a, gt = answers[it["item_id"]]["answer"], answer_text(it["messages"])
             rows.append({"model": name, "mode": mode, "item_id": it["item_id"], "structure": it["structure"], "site": it["site"],
-                         "laterality": it["laterality"], "prompt": prompt_text(it["messages"]), "answer": a,
-                         "ground_truth": gt, "bleu4": M.bleu4(a, gt), "structure_ok": identifies(a, it["structure"]),
-                         "laterality_error": laterality_error(a, it["laterality"]), "length": len(a.split()), "repetition": repetition_rate(a)})
+                         "laterality": it["laterality"], "prompt": prompt_text(it["messages"]), "answer": answers[it["item_id"]]["answer"],
+                         "ground_truth": answer_text(it["messages"])})
     return rows
 
 
+MEASURE_INPUTS = ("i", "answer", "ground_truth", "structure", "laterality")
+
+
+class MetricsWorker:
+    """Callable class for `map_batches`: the measures of a batch of answers against their ground
+    truth (BLEU-4, BERTScore F1, the rubric's), the BERTScore model loaded once per actor."""
+
+    def __init__(self, cfg_json: str):
+        e = RunConfig.model_validate_json(cfg_json).evaluate
+        self.scorer = M.bertscore_scorer(e.bertscore_model, e.bertscore_layers, e.bertscore_baseline)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        f1 = M.bertscore_f1([r["answer"] for r in rows], [r["ground_truth"] for r in rows], scorer=self.scorer)
+        return pa.Table.from_pylist([
+            {"i": r["i"], "bleu4": M.bleu4(r["answer"], r["ground_truth"]), "bertscore_f1": f, "structure_ok": identifies(r["answer"], r["structure"]),
+             "laterality_error": laterality_error(r["answer"], r["laterality"]), "length": len(r["answer"].split()),
+             "repetition": repetition_rate(r["answer"])} for r, f in zip(rows, f1)])
+
+
 def score(cfg: RunConfig, rows: list[dict]) -> None:
-    """BERTScore F1 of every answer against its ground truth, in place."""
-    e = cfg.evaluate
-    f1 = M.bertscore_f1([r["answer"] for r in rows], [r["ground_truth"] for r in rows], e.bertscore_model, e.bertscore_layers, e.bertscore_baseline)
-    for r, f in zip(rows, f1):
-        r["bertscore_f1"] = f
+    """Every answer's measures, computed on a Ray Data actor pool, set on the rows in place."""
+    from cmevlm.cluster import connect
+
+    if not rows:
+        return
+    e, ray = cfg.evaluate, connect(cfg.ray)
+    blocks = max(1, -(-len(rows) // e.metrics_batch_size))
+    inputs = [{k: (i if k == "i" else r[k]) for k in MEASURE_INPUTS} for i, r in enumerate(rows)]
+    scored = ray.data.from_items(inputs, override_num_blocks=blocks).map_batches(
+        MetricsWorker, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()}, batch_size=e.metrics_batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=min(e.metrics_concurrency, blocks)), num_cpus=e.metrics_num_cpus,
+        memory=int(e.metrics_memory_gb * 2**30)).take_all()
+    for m in scored:
+        rows[m.pop("i")].update(m)
 
 
 def score_request(cfg: RunConfig, r: dict) -> dict:

