@@ -22,6 +22,11 @@ ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions"),
+    # Ray Train waits this long for its workers' placement group before an attempt fails (and
+    # the group is removed). Its 60 s default is shorter than a GPU pod's start on an
+    # autoscaled cluster (node provisioning, image pull): every attempt would fail while the
+    # nodes come up. Ray Train passes it from the driver to its controller.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900",
 }
 
 

@@ -1,11 +1,17 @@
-"""The whole method end to end on a reduced run, through the real `cmevlm pipeline` code path:
-every stage's outputs exist and agree (row counts carried through, ids join)."""
+"""The whole method end to end on a reduced run, through the real `cmevlm pipeline` code path,
+on Ray's own autoscaler (tests/autoscaling.py) with the chart's worker groups: every stage's
+outputs exist and agree (row counts carried through, ids join), the groups scale up when a
+stage asks and back to zero when idle, nothing runs on the 0-CPU head, and a shape the plan
+refuses is indeed never placed."""
 
 import json
+import threading
+import time
 
 import pytest
 
-from cmevlm import pipeline
+from autoscaling import LocalAutoscalingCluster, alive_by_type, scaled, wait_for
+from cmevlm import k8s, pipeline, placement
 from cmevlm.config import load_config
 from cmevlm.storage import Storage
 
@@ -16,13 +22,66 @@ SMALL = ["data.image_size=56", "teacher.batch_size=8",
          "evaluate.limit=6", "evaluate.max_new_tokens=10"]
 
 
-def test_reduced_pipeline_end_to_end(ray_local, tmp_path, synth_dir, tiny_model_dir):
-    cfg = load_config(overrides=[f"workdir={tmp_path / 'run'}", f"model.base={tiny_model_dir}",
-                                 f"sources=[{{uri: '{synth_dir}'}}]", *SMALL])
+@pytest.fixture
+def autoscaling_cluster():
+    """The chart's default Ray cluster as Ray's autoscaler sees it, scaled to this machine: head
+    with 0 CPUs, the cpu group (1 CPU a pod, at most 2) and the H100 group (2 CPUs, 2 `h100`
+    slots standing for its GPUs, at most 1), both from zero."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the session's local Ray; connect() starts a new one for later tests
+    spec = next(d for d in k8s.template("t", [{}]) if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
+    cluster = LocalAutoscalingCluster(scaled(placement.node_types(spec), {"cpu": 2}))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+def _run_sampling(ray, cfg, lines):
+    """pipeline.run with the largest node count per group seen while it runs, and the driver's
+    CPU seconds per stage."""
+    seen, stop, cpu = {"cpu": 0, "h100": 0}, threading.Event(), []
+
+    def sample():
+        while not stop.wait(1.0):
+            for group, n in alive_by_type(ray).items():
+                seen[group] = max(seen[group], n)
+
+    def echo(line):
+        cpu.append(time.process_time())
+        lines.append(line)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.process_time()
+    try:
+        results = pipeline.run(cfg, echo=echo)
+    finally:
+        stop.set()
+        thread.join()
+    return results, seen, [b - a for a, b in zip([start, *cpu], cpu)]
+
+
+def test_reduced_pipeline_end_to_end(autoscaling_cluster, tmp_path, synth_dir, tiny_model_dir):
+    from cmevlm.cluster import connect
+
+    gang = {"sft.resources_per_worker": "{CPU: 1, h100: 1}", "dpo.resources_per_worker": "{CPU: 1, h100: 1}"}
+    cfg = load_config(overrides=[f"workdir={tmp_path / 'run'}", f"model.base={tiny_model_dir}", f"ray.address={autoscaling_cluster.address}",
+                                 f"sources=[{{uri: '{synth_dir}'}}]", *SMALL, *(f"{k}={v}" for k, v in gang.items())])
+    ray = connect(cfg.ray)
+    assert alive_by_type(ray) == {"cpu": 0, "h100": 0} and ray.cluster_resources().get("CPU", 0) == 0  # from zero; the head has 0 CPUs
     lines = []
-    results = pipeline.run(cfg, echo=lines.append)
+    results, seen, driver_cpu = _run_sampling(ray, cfg, lines)
     assert [r.stage for r in results] == list(pipeline.STAGES) and not any(r.skipped for r in results)
     assert len(lines) == 7 and all(" done in " in x for x in lines)
+    assert seen["cpu"] >= 1 and seen["h100"] == 1, seen  # each group came up when a stage asked for it
+    assert max(driver_cpu) < 30, dict(zip(pipeline.STAGES, driver_cpu))  # the driver orchestrates; the work is in Ray
+    assert wait_for(lambda: alive_by_type(ray) == {"cpu": 0, "h100": 0}, 90), alive_by_type(ray)  # and went back to zero
 
     st, wd = Storage(), tmp_path / "run"
     frames = st.read_manifest(str(wd / "frames"))
@@ -47,6 +106,25 @@ def test_reduced_pipeline_end_to_end(ray_local, tmp_path, synth_dir, tiny_model_
 
     again = pipeline.run(cfg, echo=lines.append)  # everything complete: all skipped
     assert all(r.skipped for r in again)
+    _refused_shape_is_never_placed(ray, autoscaling_cluster.worker_types)
+
+
+def _refused_shape_is_never_placed(ray, worker_types: dict):
+    """3 bundles of {CPU: 1, h100: 1} in one PACK group (one h100 pod of 2 CPUs, 2 slots): the plan's check (Ray's scheduler code)
+    refuses it for these node types, and the running autoscaler indeed never places it."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    types = {g: {"resources": {k: float(v) for k, v in t["resources"].items()}, "max_workers": t["max_workers"]}
+             for g, t in worker_types.items()}
+    bundle = {"CPU": 1.0, "h100": 1.0}
+    assert not placement.placeable(placement.Demand("sft", "workers", bundle, 3, "PACK", "k"), types)[0]
+    assert placement.placeable(placement.Demand("sft", "workers", bundle, 2, "PACK", "k"), types)[0]
+    pg = placement_group([bundle] * 3, strategy="PACK")
+    try:
+        assert not pg.wait(timeout_seconds=20)
+        assert alive_by_type(ray)["h100"] <= 1
+    finally:
+        remove_placement_group(pg)
 
 
 def test_a_failing_stage_is_named(tmp_path, tiny_model_dir):
