@@ -196,9 +196,11 @@ def cmd_review(args) -> int:
 
     cfg = _load(args)
     token = app.resolve_token(args.host, args.token)
+    app.answered_hosts(args.host, tuple(args.allowed_host))  # refuses 0.0.0.0 without names before anything starts
     print(f"reviewing {cfg.workdir} on http://{args.host}:{args.port}/{' (token required)' if token else ''} (Ctrl-C stops)", flush=True)
     app.run(cfg, host=args.host, port=args.port, token=token, config_args=f" --config {args.config}" if args.config else "",
-            idle_minutes=args.idle_minutes, https=args.https)
+            idle_minutes=args.idle_minutes, https=args.https, allowed_hosts=tuple(args.allowed_host),
+            trusted_proxies=tuple(args.trusted_proxy))
     return 0
 
 
@@ -428,6 +430,11 @@ def _service_commands(sub) -> None:
                    "127.0.0.1, at least 16 characters")
     p.add_argument("--idle-minutes", type=float, default=30, help="a session unused this long ends (default 30)")
     p.add_argument("--https", action="store_true", help="the app is reached over HTTPS (e.g. behind the hospital's proxy): Secure cookies")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name the app answers to besides the bound address (the proxy's or DNS name; repeatable); "
+                   "any other Host gets 421 (no DNS rebinding)")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="IP",
+                   help="the proxy whose X-Forwarded-For is believed (repeatable); from anyone else it is ignored")
     p.set_defaults(func=cmd_review)
 
 

@@ -50,9 +50,10 @@ def check(r: dict, decisions: tuple[str, ...]) -> None:
 
 
 def read_history(storage: Storage, uri: str, decisions: tuple[str, ...], warnings: list[str] | None = None) -> list[dict]:
-    """Every review in `uri`, oldest first. A last line cut short (a write interrupted before
-    its newline) is skipped with a warning, appended to `warnings` and logged; any other bad
-    line is an error naming its line number."""
+    """Every review in `uri`, oldest first. A line that is not JSON is a write cut short (a
+    crash, a full disk): the next append starts on a new line (Storage.append_text), so a torn
+    line is a line of its own, wherever it is; it is skipped with a warning, appended to
+    `warnings` and logged. A JSON line that is not a valid review is an error naming its line."""
     text = storage.read_appended(uri)
     lines = text.splitlines()
     history = []
@@ -62,13 +63,11 @@ def read_history(storage: Storage, uri: str, decisions: tuple[str, ...], warning
         try:
             r = json.loads(line)
         except ValueError as e:  # json.JSONDecodeError is a ValueError
-            if n == len(lines) and not text.endswith("\n"):
-                msg = f"{uri}:{n}: a torn last line ({len(line)} bytes, no newline) was skipped: {e}"
-                log.warning("%s", msg)
-                if warnings is not None:
-                    warnings.append(msg)
-                continue
-            raise BadFile(f"{uri}:{n}: {e}") from None
+            msg = f"{uri}:{n}: a torn line ({len(line)} bytes) was skipped: {e}"
+            log.warning("%s", msg)
+            if warnings is not None:
+                warnings.append(msg)
+            continue
         try:
             check(r, decisions)
         except ValueError as e:

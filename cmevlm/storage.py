@@ -31,6 +31,16 @@ from cmevlm.errors import MissingInput
 MANIFEST = "manifest.json"
 
 
+def _ends_with_newline(path: str) -> bool:
+    """True for an empty file or one whose last byte is a newline."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """Every byte of `data` to `fd` (O_APPEND), or OSError with the file as it was."""
     start, done = os.fstat(fd).st_size, 0
@@ -157,6 +167,8 @@ class Storage:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         created = not os.path.exists(path)
+        if not created and not _ends_with_newline(path):
+            data = b"\n" + data  # after a torn last line: start a line of our own, so the torn one costs only itself
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             _write_all(fd, data)
@@ -174,10 +186,11 @@ class Storage:
     def read_appended(self, uri: str) -> str:
         """What `append_text` wrote to `uri`: the file, then its part objects (object storage)
         in the order they were written; "" when there is nothing."""
-        text = self.read_text(uri) if self.exists(uri) else ""
+        pieces = [self.read_text(uri)] if self.exists(uri) else []
         if is_s3(uri):
-            text += "".join(self.read_text(p) for p in self.list_files(uri + ".d"))
-        return text
+            pieces += [self.read_text(p) for p in self.list_files(uri + ".d")]
+        # each piece is whole lines; a piece without its last newline must not glue onto the next
+        return "".join(p if p.endswith("\n") or i == len(pieces) - 1 else p + "\n" for i, p in enumerate(pieces))
 
     def list_files(self, uri: str, suffix: str = "") -> list[str]:
         """Every file below `uri` (recursive), as URIs of the same kind, sorted."""

@@ -20,7 +20,8 @@ from starlette.testclient import TestClient
 from cmevlm import prefer, sample, teach
 from cmevlm.config import load_config
 from cmevlm.evaluate import evaluation, expert
-from cmevlm.review.app import HEADERS, create_app, resolve_token
+from cmevlm.errors import ConfigError
+from cmevlm.review.app import HEADERS, answered_hosts, create_app, resolve_token, server_config
 from cmevlm.reviews import read_history, read_reviews
 from cmevlm.storage import Storage
 from conftest import free_port
@@ -80,7 +81,7 @@ def _item_form(client, url):
 
 def _client(run_dir, **kw):
     cfg = _cfg(run_dir, run_dir / "models/sft")
-    return cfg, TestClient(create_app(cfg, **kw))
+    return cfg, TestClient(create_app(cfg, **kw), base_url="http://127.0.0.1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_decisions_are_durable_resume_and_can_be_changed_with_history(run_dir):
 
 def test_two_tabs_never_lose_each_others_decisions(run_dir):
     _, a = _client(run_dir)
-    b = TestClient(a.app)  # a second browser (own cookie jar) on the same running app
+    b = TestClient(a.app, base_url="http://127.0.0.1")  # a second browser (own cookie jar) on the same running app
     _sign_in(a, "Dr A")
     _sign_in(b, "Dr B")
     _, fa = _item_form(a, "/preferences/1")
@@ -463,19 +464,83 @@ def test_a_surgeon_reviews_in_headless_chromium_and_the_datasets_follow(run_dir,
     assert (score["item_id"], score["scores"], score["preferred"], score["reviewer"]) == (expert_id, {"A": 4, "B": 2}, ["A"], "Dr Browser")
 
 
-def test_a_torn_last_line_is_skipped_with_a_warning_not_a_500(run_dir):
+def test_a_torn_line_costs_only_itself(run_dir):
     """A write cut short before its newline (a crash, a full disk before this project's appends
-    took torn writes back): every page still answers, and says what it skipped."""
+    took torn writes back): every page still answers and says what it skipped, and the next
+    decision starts on a line of its own instead of being glued onto the torn one."""
     cfg, client = _client(run_dir)
     assert _sign_in(client).status_code == 303
     page, form = _item_form(client, "/answers/1")
     assert client.post("/answers/1", data={**form, "decision": "accept"}, follow_redirects=False).status_code == 303
-    with open(run_dir / "teacher/reviews.jsonl", "a") as f:
+    reviews = run_dir / "teacher/reviews.jsonl"
+    with open(reviews, "a") as f:
         f.write('{"item_id": "x", "decis')  # torn
     for url in ("/", "/answers/2", "/summary"):
         r = client.get(url)
-        assert r.status_code == 200 and "torn last line" in r.text, url
-    assert len(read_history(Storage(), str(run_dir / "teacher/reviews.jsonl"), ("accept", "edit", "reject"))) == 1
+        assert r.status_code == 200 and "torn line" in r.text, url
+    page, form = _item_form(client, "/answers/2")
+    assert client.post("/answers/2", data={**form, "decision": "reject"}, follow_redirects=False).status_code == 303
+    history = read_history(Storage(), str(reviews), ("accept", "edit", "reject"))
+    assert [r["decision"] for r in history] == ["accept", "reject"]  # the decision after the torn line is whole
+    assert reviews.read_text().splitlines()[1] == '{"item_id": "x", "decis'
+    for url in ("/", "/answers/3", "/summary"):
+        assert client.get(url).status_code == 200, url
+
+
+def test_a_rebound_host_name_gets_421_before_anything_is_read(run_dir):
+    """DNS rebinding: a page on evil.example that points its name at 127.0.0.1 reaches the app
+    with `Host: evil.example`; every route answers 421 before any session or file is touched."""
+    cfg, c = _client(run_dir)
+    assert _sign_in(c).status_code == 303
+    page, form = _item_form(c, "/answers/1")
+    before = (run_dir / "teacher/reviews.jsonl").read_bytes() if (run_dir / "teacher/reviews.jsonl").exists() else b""
+    evil = {"Host": "evil.example:8090"}
+    for url in ("/login", "/", "/answers/1", "/image/answers/1", "/summary", "/static/review.css"):
+        assert c.get(url, headers=evil).status_code == 421, url
+    assert c.post("/answers/1", data={**form, "decision": "accept"}, headers=evil).status_code == 421
+    assert c.post("/login", data={"reviewer": "x"}, headers=evil).status_code == 421
+    after = (run_dir / "teacher/reviews.jsonl").read_bytes() if (run_dir / "teacher/reviews.jsonl").exists() else b""
+    assert after == before
+    for name in ("127.0.0.1:8090", "localhost", "[::1]:8090"):
+        assert c.get("/login", headers={"Host": name}).status_code == 200, name
+    _, proxied = _client(run_dir, hosts=answered_hosts("127.0.0.1", ("review.hospital.example",)))
+    assert proxied.get("/login", headers={"Host": "review.hospital.example"}).status_code == 200
+    assert proxied.get("/login", headers={"Host": "evil.example"}).status_code == 421
+    with pytest.raises(ConfigError, match="--allowed-host"):
+        answered_hosts("0.0.0.0")
+    assert answered_hosts("0.0.0.0", ("review.hospital.example",)) == {"review.hospital.example"}
+
+
+def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(run_dir):
+    """A client on loopback that sends a new X-Forwarded-For with each guess must not reset its
+    sign-in lockout; behind a trusted proxy the forwarded address is the client's."""
+    import httpx
+    import uvicorn
+
+    cfg = _cfg(run_dir, run_dir / "models/sft")
+    for trusted, locked_out in (((), True), (("127.0.0.1",), False)):
+        port = free_port()
+        server = uvicorn.Server(server_config(create_app(cfg, token="the-right-token-123"), "127.0.0.1", port, trusted))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            assert _wait(lambda: server.started, 30)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+                for k in range(5):
+                    c.headers["X-Forwarded-For"] = f"10.0.0.{k}"
+                    assert _sign_in(c, token="wrong").status_code == 401
+                c.headers["X-Forwarded-For"] = "10.0.0.9"
+                assert _sign_in(c, token="the-right-token-123").status_code == (429 if locked_out else 303), trusted
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    end = time.time() + timeout_s
+    while not predicate() and time.time() < end:
+        time.sleep(0.1)
+    return predicate()
 
 
 def test_anonymous_visitors_hold_no_server_state_and_cannot_push_a_reviewer_out(run_dir):
@@ -485,7 +550,7 @@ def test_anonymous_visitors_hold_no_server_state_and_cannot_push_a_reviewer_out(
     before = len(app.state.review.sessions)
     from fastapi.testclient import TestClient
 
-    stranger = TestClient(app)
+    stranger = TestClient(app, base_url="http://127.0.0.1")
     for _ in range(1001):
         stranger.cookies.clear()
         assert stranger.get("/login").status_code == 200
@@ -522,7 +587,7 @@ def test_idle_sessions_end_and_https_sets_secure_cookies(run_dir):
     cfg = _cfg(run_dir, run_dir / "models/sft")
     from fastapi.testclient import TestClient
 
-    c = TestClient(create_app(cfg, idle_minutes=0.01, https=True), base_url="https://testserver")
+    c = TestClient(create_app(cfg, idle_minutes=0.01, https=True), base_url="https://localhost")
     first = c.get("/login")
     assert "secure" in first.headers["set-cookie"].lower()
     r = c.post("/login", data={"csrf": _csrf(first.text), "reviewer": "Dr Test", "next": "/"}, follow_redirects=False)

@@ -75,6 +75,24 @@ def resolve_token(host: str, token: str | None) -> str | None:
     return token
 
 
+def answered_hosts(host: str, allowed: tuple[str, ...] = ()) -> frozenset[str]:
+    """The Host names the app answers to: the bound address (every loopback name when it is
+    loopback) and `allowed` (the names a proxy or the hospital's DNS uses). A page on another
+    name that rebinds it to this address (DNS rebinding) gets 421 before anything is read."""
+    names = {host.lower(), *(a.lower() for a in allowed)} | (LOOPBACK if host in LOOPBACK else set())
+    if host in ("0.0.0.0", "::") and not allowed:
+        raise ConfigError(f"binding {host} answers to any name: give the names it is reached by (--allowed-host NAME)")
+    return frozenset(names - {"0.0.0.0", "::"})
+
+
+def host_of(header: str) -> str:
+    """The host part of a Host header (`name:port`, `[::1]:port`), lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 class Sessions:
     """Server-side sessions of signed-in reviewers only: the cookie carries a random id; a
     session idle for `idle_s` ends. Anonymous visitors hold no server state: the sign-in form's
@@ -210,7 +228,7 @@ class ReviewApp:
             done, total = q.progress(known[name] if known and name in known else q.state()[0])
             nav.append({"name": name, "title": q.title, "done": done, "total": total, "missing": q.missing})
         flash, session["flash"] = session["flash"], []
-        flash += [("warn", f"The reviews file has a torn last line, skipped: {w}") for q in self.queues.values() for w in q.log.warnings]
+        flash += [("warn", f"The reviews file has a torn line, skipped: {w}") for q in self.queues.values() for w in q.log.warnings]
         return self.templates.TemplateResponse(request, template, {
             "nav": nav, "reviewer": session["reviewer"], "csrf": self.sessions.csrf(sid), "flash": flash, **ctx}, status_code=status)
 
@@ -445,6 +463,15 @@ async def decide(request: Request, qn: tuple[Queue, int] = Depends(queue_item), 
     return RedirectResponse(f"/{q.name}/{nxt}" if nxt else f"/{q.name}/done", 303)
 
 
+async def _host_check(request: Request, call_next):
+    """Before any route, session or file: the Host must be one this app answers to."""
+    hosts = request.app.state.hosts
+    if host_of(request.headers.get("host", "")) not in hosts:
+        log.warning("review: a request for another host name was refused (421)")
+        return PlainTextResponse(f"misdirected request: this app answers to {', '.join(sorted(hosts))}", 421)
+    return await call_next(request)
+
+
 async def _headers(request: Request, call_next):
     """Every response: the security headers, and the pre-auth cookie a visitor was given."""
     response = await call_next(request)
@@ -456,15 +483,18 @@ async def _headers(request: Request, call_next):
 
 
 def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "", idle_minutes: float = 30,
-               https: bool = False) -> FastAPI:
+               https: bool = False, hosts: frozenset[str] = frozenset(LOOPBACK)) -> FastAPI:
     """The app over `cfg.workdir`. `token`: required at sign-in when set. `config_args`: the
     `--config FILE` the summary page adds to the commands that rebuild the datasets.
     `idle_minutes`: a session unused that long ends. `https`: the app is reached over HTTPS
-    (itself or the hospital's proxy), so cookies carry the Secure flag."""
+    (itself or the hospital's proxy), so cookies carry the Secure flag. `hosts`: the Host
+    names it answers to (answered_hosts)."""
     app = FastAPI(title="cmevlm review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.review = ReviewApp(cfg, token, config_args, idle_minutes, https)
     app.state.queues = app.state.review.queues
+    app.state.hosts = hosts
     app.middleware("http")(_headers)
+    app.middleware("http")(_host_check)  # added last: runs first
 
     @app.exception_handler(SignInRequired)
     async def sign_in(request: Request, exc: SignInRequired):
@@ -485,13 +515,23 @@ def create_app(cfg: RunConfig, token: str | None = None, config_args: str = "", 
     return app
 
 
-def run(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8090, token: str | None = None, config_args: str = "",
-        idle_minutes: float = 30, https: bool = False) -> None:
+def server_config(app: FastAPI, host: str, port: int, trusted_proxies: tuple[str, ...] = ()):
+    """uvicorn's settings: X-Forwarded-For / -Proto are read only from `trusted_proxies` (the
+    hospital's proxy); from anyone else they are ignored, so a client cannot pick the address
+    its sign-in failures are counted under (uvicorn otherwise trusts them from 127.0.0.1)."""
     import uvicorn
 
-    app = create_app(cfg, resolve_token(host, token), config_args, idle_minutes, https)
+    return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
+                          proxy_headers=bool(trusted_proxies), forwarded_allow_ips=",".join(trusted_proxies) or "")
+
+
+def run(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8090, token: str | None = None, config_args: str = "",
+        idle_minutes: float = 30, https: bool = False, allowed_hosts: tuple[str, ...] = (), trusted_proxies: tuple[str, ...] = ()) -> None:
+    import uvicorn
+
+    app = create_app(cfg, resolve_token(host, token), config_args, idle_minutes, https, answered_hosts(host, allowed_hosts))
     for name, q in app.state.queues.items():
         latest, _ = q.state()
         done, total = q.progress(latest)
         log.info("review: %s: %d/%d decided%s", name, done, total, f" (empty: {q.missing})" if q.missing else "")
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    uvicorn.Server(server_config(app, host, port, trusted_proxies)).run()
