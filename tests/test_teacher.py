@@ -327,3 +327,57 @@ def test_an_expired_batch_job_leaves_every_payload_audited_as_sent(tmp_path, fak
     sent = _audit(tmp_path, "sent")
     assert [s["item_id"] for s in sent] == ["b0", "b1", "b2"] and _audit(tmp_path) == []
     assert [p["sha256"] for p in sent[0]["parts"]] == [p.describe()["sha256"] for p in payloads[0].parts]
+
+
+def _encodings(raw: bytes, width: int, group: int):
+    """A frame's bytes written every way a payload could smuggle them through text."""
+    import base64
+
+    b64, url, hx = base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode().rstrip("="), raw.hex()
+    return {
+        "base64": b64,
+        "wrapped": "\n".join(b64[i:i + width] for i in range(0, len(b64), width)),
+        "split": " ".join(b64[i:i + group] for i in range(0, len(b64), group)),
+        "urlsafe": url,
+        "urlsafe split": "\r\n".join(url[i:i + width] for i in range(0, len(url), width)),
+        "hex": hx,
+        "hex split": " ".join(hx[i:i + group * 2] for i in range(0, len(hx), group * 2)),
+        "data uri": "data:image/png;name=f.png;base64,\n" + "\n".join(b64[i:i + width] for i in range(0, len(b64), width)),
+        "data uri split": "data : image / png ; charset=x ; base64 , " + b64[:40],
+        "data uri, no base64": "data:image/png,%89PNG%0D%0A",
+    }
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=hst.integers(0, 10_000), side=hst.integers(24, 64), width=hst.sampled_from([60, 64, 76, 120]),
+       group=hst.integers(2, 16), how=hst.sampled_from(["base64", "wrapped", "split", "urlsafe", "urlsafe split", "hex", "hex split",
+                                                          "data uri", "data uri split", "data uri, no base64"]),
+       where=hst.sampled_from(["text", "system"]))
+def test_a_frame_in_text_is_refused_however_it_is_encoded(seed, side, width, group, how, where):
+    """The guard normalises before it looks: a frame (random pixels, as PNG or JPEG) in base64
+    wrapped at any width or split into groups, base64url, hex, or a data: URI with parameters and
+    line breaks, in a text part or in the system prompt, never passes."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG" if seed % 2 else "JPEG")
+    smuggled = f"{PROMPT}\nReference: {_encodings(buf.getvalue(), width, group)[how]}\nThanks."
+    honest = _payload()
+    payload = Payload(honest.item_id, smuggled if where == "system" else honest.system,
+                      (Part("text", text=PROMPT if where == "system" else smuggled), *honest.parts[1:]), honest.expected_mask_sha256)
+    with pytest.raises(PrivacyViolation):
+        guard(payload, 448)
+
+
+def test_honest_prompts_and_answers_still_pass_the_guard():
+    """What the project sends: its prompt templates with every structure and side, and long
+    clinical prose with numbers, pass unchanged."""
+    from cmevlm.anatomy import STRUCTURES
+    from cmevlm.teacher import prompts
+
+    prose = ("The inferior mesenteric vein runs 2 to 3 cm lateral to the duodenojejunal flexure and is divided at the lower "
+             "border of the pancreas in CME; the ileocolic vessels arise from the superior mesenteric axis at level L2 ") * 4
+    texts = [prose, "ICG 0.25 mg/kg T3N1M0 " * 20, *(v for k, v in vars(prompts).items() if k.isupper() and isinstance(v, str))]
+    texts += [f"Side: {side} CME.\nHighlighted structure: {s}.\nWrite the answer." for s in STRUCTURES for side in ("left", "right")]
+    for text in texts:
+        out = guard(_payload(text=text), 448)
+        assert out.parts[0].text == text

@@ -6,8 +6,9 @@ guard returns. The guard trusts no byte of the payload: an image part must decod
 PNG frame of exactly two values (0 and 255), no larger than `mask_size` on either side, whose
 pixels equal the item's own mask (a hash of the pixels, not of the file); what is sent is then
 a fresh encoding of those pixels, so nothing else a file can carry (text or EXIF chunks, data
-after IEND, a palette, other frames) ever leaves. Text parts may not carry data: URIs or long
-base64 runs. Anything else raises `PrivacyViolation` and nothing is sent.
+after IEND, a palette, other frames) ever leaves. Text (the system prompt and every text part)
+may not carry a data: URI or a long run of encoded bytes, however it is wrapped or split
+(`_check_text`). Anything else raises `PrivacyViolation` and nothing is sent.
 """
 
 from __future__ import annotations
@@ -97,19 +98,49 @@ def build_payload(item_id: str, system: str, text: str, mask_png: bytes | None, 
                    facts=dict(facts or {}))
 
 
-# A data: URI, or a run of base64 long enough to carry an image (with a digit, + or / in it:
-# plain words are letters only).
-DATA_URI = re.compile(r"data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
-BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{256,}={0,2}")
+# What could carry an image in text, looked for after normalising: a data: URI (any media type,
+# with parameters, split across lines or spaces), or a run of encoded bytes long enough to hold
+# one: base64 or base64url (wrapped at 76 columns, split into groups by spaces) or hex. A run is
+# the text's consecutive whitespace-separated tokens made only of those alphabets, joined; prose
+# breaks such runs with punctuation, and where it does not, its tokens read as words (lower
+# case, Capitalised, short acronyms and numbers). A run is encoded when it holds a long stretch
+# of hex digits, or when less than WORDLIKE of its characters are in word-like tokens (a random
+# base64 group is word-like a few times in a hundred).
+DATA_URI = re.compile(r"data:[a-z0-9.+-]+/[a-z0-9.+-]+(;[^,]*)?,", re.IGNORECASE)
+ENCODED_TOKEN = re.compile(r"[A-Za-z0-9+/=_-]+")
+WORD = re.compile(r"[A-Za-z][a-z]*|[A-Z]{1,6}|[0-9]{1,6}")
+RUN_MIN = 256  # characters: ~190 bytes, far less than any image
+HEX_RUN = re.compile(r"[0-9a-fA-F]{%d,}" % RUN_MIN)
+WORDLIKE = 0.8
+
+
+def _encoded_runs(text: str):
+    """Each maximal run of whitespace-separated tokens made of base64 / base64url / hex
+    characters, as its tokens, when the run is at least RUN_MIN characters long."""
+    run: list[str] = []
+    for token in [*text.split(), ""]:
+        if token and ENCODED_TOKEN.fullmatch(token):
+            run.append(token)
+            continue
+        if sum(map(len, run)) >= RUN_MIN:
+            yield run
+        run = []
+
+
+def _looks_encoded(tokens: list[str]) -> bool:
+    joined = "".join(tokens)
+    if any(sum(c.isdigit() for c in m.group(0)) >= len(m.group(0)) / 4 for m in HEX_RUN.finditer(joined)):
+        return True
+    return sum(len(t) for t in tokens if WORD.fullmatch(t)) < WORDLIKE * len(joined)
 
 
 def _check_text(text, where: str) -> None:
     if not isinstance(text, str):
         raise PrivacyViolation(f"{where} is not text")
-    if DATA_URI.search(text):
+    if DATA_URI.search("".join(text.split())):
         raise PrivacyViolation(f"{where} carries a data: URI")
-    if any(re.search(r"[0-9+/]", m.group(0)) for m in BASE64_RUN.finditer(text)):
-        raise PrivacyViolation(f"{where} carries a long base64 run")
+    if any(_looks_encoded(run) for run in _encoded_runs(text)):
+        raise PrivacyViolation(f"{where} carries a long run of encoded bytes (base64, base64url or hex)")
 
 
 def guard(payload: Payload, mask_size: int) -> Payload:
