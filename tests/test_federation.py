@@ -317,3 +317,29 @@ def test_a_site_never_sends_a_round_that_trained_to_nan():
     with pytest.raises(RuntimeError, match="1 non-finite tensors.*not sent"):
         site_app.check_finite(cfg, {"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(2)}, 1, {"loss": float("nan")})
     site_app.check_finite(cfg, {"a": torch.ones(2)}, 1, {"loss": 0.5})
+
+
+class _Payload:
+    """A pickle that runs code when loaded (what a hostile party could put in a result)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_the_coordinators_result_is_loaded_as_tensors_only(tmp_path):
+    """global_state reads FLARE's FL_global_model.pt with weights_only: tensors load, a pickle
+    that would run code is refused and runs nothing."""
+    good = tmp_path / "good" / "app_server"
+    good.mkdir(parents=True)
+    torch.save({"model": {"w": torch.ones(2)}}, good / "FL_global_model.pt")
+    assert coordinator.global_state(tmp_path / "good")["w"].tolist() == [1.0, 1.0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    marker = tmp_path / "ran"
+    torch.save({"model": {"w": _Payload(marker)}}, bad / "FL_global_model.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+        coordinator.global_state(bad)
+    assert not marker.exists()

@@ -464,3 +464,12 @@ def test_upgrade_and_deletion_options_render_what_the_crds_accept(tmp_path):
     r = subprocess.run([HELM, "template", "rel", str(CHART), "--set", "serve.upgradeStrategy=NewClusterWithIncrementalUpgrade"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "gatewayClassName is required" in r.stderr
+
+
+@pytest.mark.parametrize("cidrs, refused", [(None, True), ("{0.0.0.0/0}", True), ("{198.51.100.10/32}", False)])
+def test_the_coordinator_names_where_its_sites_connect_from(cidrs, refused, tmp_path):
+    """No default for siteCidrs: an enabled coordinator must name its sites' networks, and never the whole internet."""
+    args = [HELM, "template", "x", str(CHART), "--set", "federation.coordinator.enabled=true"]
+    args += ["--set", f"federation.coordinator.siteCidrs={cidrs}"] if cidrs else []
+    r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert (r.returncode != 0) is refused and (not refused or "siteCidrs" in r.stderr), r.stderr

@@ -93,7 +93,7 @@ def global_state(result: Path) -> dict:
     files = sorted(result.rglob("FL_global_model.pt"))
     if not files:
         raise RuntimeError(f"no FL_global_model.pt under {result}")
-    data = torch.load(files[-1], map_location="cpu", weights_only=False)
+    data = torch.load(files[-1], map_location="cpu", weights_only=True)  # tensors and plain containers only: no pickled code
     return from_numpy(data.get("model", data))
 
 
