@@ -15,6 +15,8 @@ estimators and published fine-tuning figures):
 - the export task's host memory (it streams, see cmevlm.train.export).
 
 A stage that does not fit names the shortfall and the single changes that would make it fit.
+With the chart's values (`--values`) the plan also checks the pods, and whether Ray can place
+every stage's requests on them at all (cmevlm.placement, docs/placement.md).
 """
 
 from __future__ import annotations
@@ -366,12 +368,12 @@ def _check(what: str, need: float, have: float, unit: str, fix: str) -> dict:
 
 
 def pod_checks(cfg: RunConfig, s: Shape, values: dict) -> list[dict]:
-    """The chart's pod sizes against the run: head memory, the export task on a CPU worker, GPUs
-    and host memory of the H100 group for training, GPUs for sample/evaluate and serving."""
+    """The chart's pod sizes against the run: head memory, the export task on a CPU worker, host
+    memory of the H100 group for training, and the serving pool's GPUs. (Whether Ray can place
+    each stage's GPUs and CPUs at all: placement_checks.)"""
     w = values["workers"]
     h100 = w["h100"] if w["h100"].get("enabled", True) else None
     gpus_per_pod = h100["gpus"] if h100 else 0
-    gpus = gpus_per_pod * (h100["maxReplicas"] if h100 else 0)
     mem = lambda res: quantity_gib(res["limits"]["memory"])  # noqa: E731
     checks = [_check("head memory", HEAD_GIB, mem(values["head"]["resources"]), "GiB", "head.resources.limits.memory"),
               _check("export task on a cpu worker", cfg.model.export_memory_gb, mem(w["cpu"]["resources"]), "GiB",

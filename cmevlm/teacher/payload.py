@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cmevlm.data.composite import encode_png
 
