@@ -8,6 +8,7 @@ interrupted; one line per stage says what happened, and a failing stage is named
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ def run(cfg: RunConfig, start: str = STAGES[0], stop: str = STAGES[-1], echo=pri
         except Exception as e:
             echo(f"[{i}/{len(chosen)}] {stage:<8} FAILED after {time.time() - t0:.0f} s: {type(e).__name__}: {e}")
             raise StageFailed(stage, e) from e
+        gc.collect()  # a finished stage's datasets (in reference cycles) release their blocks, so idle workers can go
         r = StageResult(stage, time.time() - t0, bool(m.get("skipped")), summary(stage, m))
         echo(f"[{i}/{len(chosen)}] {stage:<8} {'skipped (complete)' if r.skipped else 'done'} in {r.seconds:.0f} s: {r.summary}")
         results.append(r)
