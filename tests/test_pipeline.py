@@ -81,7 +81,8 @@ def test_reduced_pipeline_end_to_end(autoscaling_cluster, tmp_path, synth_dir, t
     assert len(lines) == 7 and all(" done in " in x for x in lines)
     assert seen["cpu"] >= 1 and seen["h100"] == 1, seen  # each group came up when a stage asked for it
     assert max(driver_cpu) < 30, dict(zip(pipeline.STAGES, driver_cpu))  # the driver orchestrates; the work is in Ray
-    assert wait_for(lambda: alive_by_type(ray) == {"cpu": 0, "h100": 0}, 90), alive_by_type(ray)  # and went back to zero
+    assert wait_for(lambda: alive_by_type(ray) == {"cpu": 0, "h100": 0}, 120), (  # and went back to zero
+        alive_by_type(ray), [(n["Resources"], n.get("ObjectStoreUsedMemory")) for n in ray.nodes() if n["Alive"]])
 
     st, wd = Storage(), tmp_path / "run"
     frames = st.read_manifest(str(wd / "frames"))
