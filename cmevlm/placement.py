@@ -184,6 +184,12 @@ def _fmt(v: float) -> str:
     return f"{v / 2**30:.1f} GiB" if v >= 2**20 else f"{v:g}"
 
 
+def ray_clusters(docs: list[dict]) -> dict[str, dict]:
+    """The RayCluster specs in rendered chart objects: "job" (a RayJob's) and "serve" (the RayService's)."""
+    clusters = {"job": d["spec"]["rayClusterSpec"] for d in docs if d["kind"] == "RayJob"}
+    return clusters | {"serve": d["spec"]["rayClusterConfig"] for d in docs if d["kind"] == "RayService"}
+
+
 def checks(cfg: RunConfig, clusters: dict[str, dict]) -> list[dict]:
     """One entry per demand: placeable or not on its cluster (`clusters`: "job" / "serve" ->
     RayCluster spec, as rendered), the pods Ray would start, and the fix."""

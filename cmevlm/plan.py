@@ -406,9 +406,7 @@ def placement_checks(cfg: RunConfig, values: dict) -> list[dict]:
         docs = k8s.template("plan", [values, {"runConfig": public_dict(cfg), "pipeline": {"enabled": True}}])
     except CmevlmError as e:
         raise PlanError(f"the placement check renders the chart: {e}") from None
-    clusters = {"job": d["spec"]["rayClusterSpec"] for d in docs if d["kind"] == "RayJob"}
-    clusters |= {"serve": d["spec"]["rayClusterConfig"] for d in docs if d["kind"] == "RayService"}
-    return placement.checks(cfg, clusters)
+    return placement.checks(cfg, placement.ray_clusters(docs))
 
 
 def render(plan: dict) -> str:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -112,12 +111,3 @@ def alive_by_type(ray) -> dict[str, int]:
         if n["Alive"] and n["Resources"].get("CPU", 0) > 0:
             counts["h100" if "h100" in n["Resources"] else "cpu"] += 1
     return counts
-
-
-def wait_for(predicate, timeout_s: float, poll_s: float = 1.0) -> bool:
-    end = time.time() + timeout_s
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return predicate()

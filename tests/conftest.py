@@ -189,3 +189,15 @@ def taught(ray_local, tmp_path_factory, synth_dir, tiny_model_dir):
     shutil.copytree(tiny_model_dir, workdir / "models/sft")
     Storage().write_manifest(str(workdir / "models/sft"), stage="sft")
     return workdir
+
+
+def wait_for(predicate, timeout_s: float, poll_s: float = 1.0) -> bool:
+    """Poll `predicate` until it holds or `timeout_s` passes; its last answer."""
+    import time
+
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return predicate()

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from autoscaling import LocalAutoscalingCluster, alive_by_type, scaled, wait_for
+from autoscaling import LocalAutoscalingCluster, alive_by_type, scaled
 from cmevlm import k8s, pipeline, placement
 from cmevlm.config import load_config
 from cmevlm.storage import Storage
+from conftest import wait_for
 
 SMALL = ["data.image_size=56", "teacher.batch_size=8",
          "sft.num_workers=2", "sft.max_steps=3", "sft.per_device_batch_size=2", "sft.effective_batch_size=4", "sft.lr=1e-3",
@@ -31,7 +32,7 @@ def autoscaling_cluster():
 
     if ray.is_initialized():
         ray.shutdown()  # the session's local Ray; connect() starts a new one for later tests
-    spec = next(d for d in k8s.template("t", [{}]) if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
+    spec = placement.ray_clusters(k8s.template("t", [{}]))["job"]
     cluster = LocalAutoscalingCluster(scaled(placement.node_types(spec), {"cpu": 2}))
     cluster.start()
     try:

@@ -16,8 +16,7 @@ VALUES = str(REPO / "helm" / "cmevlm" / "values.yaml")
 
 
 def _job_cluster(values: dict | None = None) -> dict:
-    docs = k8s.template("t", [values or {}])
-    return next(d for d in docs if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
+    return placement.ray_clusters(k8s.template("t", [values or {}]))["job"]
 
 
 def test_the_charts_pods_as_rays_autoscaler_reads_them():

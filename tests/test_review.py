@@ -24,7 +24,7 @@ from cmevlm.errors import ConfigError
 from cmevlm.review.app import HEADERS, answered_hosts, create_app, resolve_token, server_config
 from cmevlm.reviews import read_history, read_reviews
 from cmevlm.storage import Storage
-from conftest import free_port
+from conftest import free_port, wait_for
 
 # Distinct model names, so that a test can see whether the blinding key reached a page.
 MODELS = ("zebramodel", "yakmodel")
@@ -524,7 +524,7 @@ def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(run_dir):
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         try:
-            assert _wait(lambda: server.started, 30)
+            assert wait_for(lambda: server.started, 30, 0.1)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
                 for k in range(5):
                     c.headers["X-Forwarded-For"] = f"10.0.0.{k}"
@@ -534,13 +534,6 @@ def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(run_dir):
         finally:
             server.should_exit = True
             thread.join(timeout=30)
-
-
-def _wait(predicate, timeout_s: float) -> bool:
-    end = time.time() + timeout_s
-    while not predicate() and time.time() < end:
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_anonymous_visitors_hold_no_server_state_and_cannot_push_a_reviewer_out(run_dir):
