@@ -194,9 +194,11 @@ def test_bodies_are_cut_while_they_stream(server):
                           (b"%x\r\n%s\r\n" % (len(mib), mib) for _ in range(200)), max_send=200 * 2**20)
     assert got.startswith(b"HTTP/1.1 413"), got[:100]
     print(f"chunked body: 413 after {sent / 2**20:.0f} MiB sent (limit 4 MiB), replica grew {(_replica_rss() - rss) / 2**20:.0f} MiB")
-    # Answered before the whole body went out; what was sent meanwhile sat in Ray Serve's HTTP
-    # proxy and the sockets, not in the replica, whose memory stays bounded.
-    assert sent < 200 * 2**20 and _replica_rss() - rss < 100 * 2**20, (sent, _replica_rss() - rss)
+    # How much goes out before the 413 depends on how fast Ray Serve's HTTP proxy takes it in
+    # (it buffers a request's body; on an idle machine all 200 MiB go out in ~0.3 s): what is
+    # ours to bound is the replica, which keeps at most the limit. The proxy's share is why the
+    # README asks for a body limit at the ingress in front of it.
+    assert _replica_rss() - rss < 100 * 2**20, _replica_rss() - rss
     t0 = time.time()
     got, _ = _raw_http(port, head + b"Content-Length: 1073741824\r\n\r\n", iter([b"{"]), max_send=1)
     assert got.startswith(b"HTTP/1.1 413") and time.time() - t0 < 5
