@@ -30,14 +30,20 @@ def _mask(h=64, w=80, seed=0):
     return encode_png(m)
 
 
+# What the ingest stage stored per item (<workdir>/frames): each mask a test builds a payload
+# with is stored here first, as ingest would have; the guard asks only this.
+STORED: dict[str, bytes] = {}
+
+
 def _client(tmp_path, srv, backend="gemini", **kw):
     cfg = TeacherConfig(backend=backend, base_url=srv.url + ("/v1" if backend == "openai" else ""), timeout_s=1.0,
                         http_attempts=3, backoff_s=0.01, **kw)
-    return TeacherClient(cfg, str(tmp_path / "run"))
+    return TeacherClient(cfg, str(tmp_path / "run"), stored_mask=STORED.get)
 
 
 def _payload(item="item1", mask=None, text=PROMPT):
-    return build_payload(item, "You are a surgeon.", text, mask if mask is not None else _mask(), 448)
+    STORED[item] = mask if mask is not None else _mask()
+    return build_payload(item, "You are a surgeon.", text, STORED[item], 448)
 
 
 def _audit(tmp_path, event="outcome"):
@@ -135,7 +141,8 @@ def _frame_png(seed=0, mode="RGB"):
     (lambda: encode_png((np.arange(500 * 500).reshape(500, 500) % 2 * 255).astype(np.uint8)), "larger than"),
 ])
 def test_guard_blocks_anything_but_a_binary_mask_and_sends_nothing(tmp_path, fake_llm, make, why):
-    bad = Payload("item1", "sys", (Part("text", text=PROMPT), Part("mask", data=make())), expected_mask_sha256="x")
+    STORED["item1"] = _mask()
+    bad = Payload("item1", "sys", (Part("text", text=PROMPT), Part("mask", data=make())))
     with pytest.raises(PrivacyViolation, match=why):
         _client(tmp_path, fake_llm).ask(bad, TeacherAnswer)
     assert fake_llm.requests == [] and not (tmp_path / "run/teacher/audit.jsonl").exists()
@@ -144,15 +151,15 @@ def test_guard_blocks_anything_but_a_binary_mask_and_sends_nothing(tmp_path, fak
 def test_guard_blocks_another_items_mask_and_extra_images(tmp_path, fake_llm):
     p = _payload("item1")
     other = mask_for_teacher(_mask(seed=7), 448)
-    swapped = Payload(p.item_id, p.system, (p.parts[0], Part("mask", data=other)), p.expected_mask_sha256)
+    swapped = Payload(p.item_id, p.system, (p.parts[0], Part("mask", data=other)))
     with pytest.raises(PrivacyViolation, match="hash mismatch"):
         _client(tmp_path, fake_llm).ask(swapped, TeacherAnswer)
-    twice = Payload(p.item_id, p.system, (*p.parts, p.parts[1]), p.expected_mask_sha256)
+    twice = Payload(p.item_id, p.system, (*p.parts, p.parts[1]))
     with pytest.raises(PrivacyViolation, match="at most one mask"):
-        guard(twice, 448)
+        guard(twice, 448, STORED.get)
     smuggled = Payload(p.item_id, p.system, (Part("image", data=_frame_png()),))
     with pytest.raises(PrivacyViolation, match="not allowed"):
-        guard(smuggled, 448)
+        guard(smuggled, 448, STORED.get)
     assert fake_llm.requests == []
 
 
@@ -162,7 +169,7 @@ def test_builder_downscales_masks_to_mask_size():
     p = build_payload("i", "s", "t", encode_png(big), mask_size=300)
     img = Image.open(io.BytesIO(p.mask))
     assert max(img.size) == 300
-    guard(p, 300)
+    guard(p, 300, {"i": encode_png(big)}.get)  # the stored mask at full size: compared at mask_size
 
 
 def test_send_mask_false_sends_text_only(tmp_path, fake_llm):
@@ -190,7 +197,8 @@ def test_property_no_request_carries_more_than_text_and_a_binary_png(tmp_path_fa
     if not mask.any() or mask.all():
         return
     shared_llm.requests.clear()
-    _client(tmp_path_factory.mktemp("prop"), shared_llm).ask(build_payload("it", "s", PROMPT, encode_png(mask), 448), TeacherAnswer)
+    STORED["it"] = encode_png(mask)
+    _client(tmp_path_factory.mktemp("prop"), shared_llm).ask(build_payload("it", "s", PROMPT, STORED["it"], 448), TeacherAnswer)
     (req,) = shared_llm.requests
     imgs = gemini_images(req["body"])
     assert len(imgs) == 1
@@ -213,7 +221,7 @@ def test_limiter_holds_the_configured_rpm_across_threads(tmp_path, fake_llm):
     intervals of 50 ms at the server."""
     cfg = TeacherConfig(backend="gemini", base_url=fake_llm.url, rpm=1200)
     wait = local_waiter(RateLimiter(cfg.rpm, cfg.tpm))
-    clients = [TeacherClient(cfg, str(tmp_path / "run"), wait=wait) for _ in range(4)]
+    clients = [TeacherClient(cfg, str(tmp_path / "run"), wait=wait, stored_mask=STORED.get) for _ in range(4)]
     threads = [threading.Thread(target=lambda c=c, k=k: [c.ask(_payload(f"i{k}-{j}", mask=_mask(seed=k * 10 + j)), TeacherAnswer) for j in range(4)])
                for k, c in enumerate(clients)]
     for t in threads:
@@ -233,7 +241,7 @@ def test_audit_parts_merge_on_object_storage(s3_bucket, tmp_path, fake_llm):
     cfg = TeacherConfig(backend="gemini", base_url=fake_llm.url)
     run = s3_bucket + "/run"
     for k in range(2):
-        c = TeacherClient(cfg, run)
+        c = TeacherClient(cfg, run, stored_mask=STORED.get)
         c.ask(_payload(f"i{k}", mask=_mask(seed=k)), TeacherAnswer)
         c.audit.flush()
     assert merge_audit(Storage(), run + "/teacher/audit.jsonl") == 2
@@ -286,10 +294,9 @@ def test_every_byte_that_leaves_is_text_or_a_fresh_encoding_of_the_items_mask(se
     item = _mask(seed=seed)
     built = _payload(mask=item, text=PROMPT)
     pixels = np.asarray(Image.open(io.BytesIO(built.mask)))
-    crafted = Payload(built.item_id, built.system, (Part("text", text=text), Part("mask", data=_crafted(pixels, how))),
-                      built.expected_mask_sha256)
+    crafted = Payload(built.item_id, built.system, (Part("text", text=text), Part("mask", data=_crafted(pixels, how))))
     try:
-        out = guard(crafted, 448)
+        out = guard(crafted, 448, {built.item_id: item}.get)
     except PrivacyViolation:
         return
     assert "data:" not in text and "QUJD" not in text  # those must be refused
@@ -319,7 +326,7 @@ def test_the_audit_is_written_ahead_of_every_request(tmp_path, fake_llm):
 
 def test_an_expired_batch_job_leaves_every_payload_audited_as_sent(tmp_path, fake_llm):
     cfg = TeacherConfig(backend="gemini", base_url=fake_llm.url, batch=True, batch_poll_s=0.01)
-    client = TeacherClient(cfg, str(tmp_path / "run"))
+    client = TeacherClient(cfg, str(tmp_path / "run"), stored_mask=STORED.get)
     fake_llm.batch_end = "BATCH_STATE_EXPIRED"
     payloads = [_payload(f"b{k}", mask=_mask(seed=k)) for k in range(3)]
     with pytest.raises(RuntimeError, match="EXPIRED"):
@@ -363,9 +370,9 @@ def test_a_frame_in_text_is_refused_however_it_is_encoded(seed, side, width, gro
     smuggled = f"{PROMPT}\nReference: {_encodings(buf.getvalue(), width, group)[how]}\nThanks."
     honest = _payload()
     payload = Payload(honest.item_id, smuggled if where == "system" else honest.system,
-                      (Part("text", text=PROMPT if where == "system" else smuggled), *honest.parts[1:]), honest.expected_mask_sha256)
+                      (Part("text", text=PROMPT if where == "system" else smuggled), *honest.parts[1:]))
     with pytest.raises(PrivacyViolation):
-        guard(payload, 448)
+        guard(payload, 448, STORED.get)
 
 
 def test_honest_prompts_and_answers_still_pass_the_guard():
@@ -379,5 +386,34 @@ def test_honest_prompts_and_answers_still_pass_the_guard():
     texts = [prose, "ICG 0.25 mg/kg T3N1M0 " * 20, *(v for k, v in vars(prompts).items() if k.isupper() and isinstance(v, str))]
     texts += [f"Side: {side} CME.\nHighlighted structure: {s}.\nWrite the answer." for s in STRUCTURES for side in ("left", "right")]
     for text in texts:
-        out = guard(_payload(text=text), 448)
+        out = guard(_payload(text=text), 448, STORED.get)
         assert out.parts[0].text == text
+
+
+def test_a_dithered_frame_never_passes_as_the_items_mask_whatever_the_payload_declares(tmp_path, fake_llm):
+    """A hand-built payload whose mask part is a frame dithered to 0/255 (recognisable at
+    448x448): the payload has no say in what the mask must be; the stored one decides."""
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 255, (448, 448), dtype=np.uint8)
+    dithered = encode_png(((frame > rng.integers(0, 255, frame.shape)) * 255).astype(np.uint8))
+    _payload("item9")  # item9's own mask is stored, as ingest stores it
+    hostile = build_payload("item9", "You are a surgeon.", PROMPT, dithered, 448)  # the builder itself would wrap it
+    with pytest.raises(PrivacyViolation, match="not this item's stored mask"):
+        _client(tmp_path, fake_llm).ask(hostile, TeacherAnswer)
+    with pytest.raises(PrivacyViolation, match="not this item's stored mask"):  # nor for an item with no stored mask
+        guard(build_payload("unknown-item", "s", PROMPT, dithered, 448), 448, STORED.get)
+    assert fake_llm.requests == []
+
+
+def test_the_client_reads_each_items_mask_from_the_ingested_frames(tmp_path, fake_llm):
+    import pyarrow as pa
+
+    from cmevlm.storage import Storage
+
+    mask = _mask(seed=11)
+    Storage().write_parquet(str(tmp_path / "run/frames/shards/part-0.parquet"),
+                            pa.table({"item_id": ["f1"], "mask": [mask], "composite": [b"never read"]}))
+    client = TeacherClient(TeacherConfig(backend="gemini", base_url=fake_llm.url, backoff_s=0.01), str(tmp_path / "run"))
+    assert "pancreas" in client.ask(build_payload("f1", "s", PROMPT, mask, 448), TeacherAnswer).value.answer
+    with pytest.raises(PrivacyViolation, match="stored mask"):
+        client.ask(build_payload("f1", "s", PROMPT + " again", _mask(seed=12), 448), TeacherAnswer)

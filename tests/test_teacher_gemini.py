@@ -15,7 +15,7 @@ from cmevlm.teacher.client import TeacherClient, TeacherFailed
 from cmevlm.teacher.pool import BudgetExceeded
 from fake_llm import FakeLLM
 from test_teach import frames_dir  # noqa: F401  (the fixture)
-from test_teacher import _mask, _payload
+from test_teacher import STORED, _mask, _payload
 
 
 def _outcomes(run: Path) -> list[dict]:
@@ -33,7 +33,8 @@ def _billed(srv: FakeLLM, pin=0.30, pout=2.50) -> float:
 
 
 def _client(tmp_path, srv, **kw) -> TeacherClient:
-    return TeacherClient(TeacherConfig(backend="gemini", base_url=srv.url, backoff_s=0.0, **kw), str(tmp_path / "run"))
+    return TeacherClient(TeacherConfig(backend="gemini", base_url=srv.url, backoff_s=0.0, **kw), str(tmp_path / "run"),
+                         stored_mask=STORED.get)
 
 
 def test_thinking_tokens_are_billed_and_default_thinking_leaves_the_answer_its_tokens(tmp_path):

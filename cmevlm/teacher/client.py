@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from cmevlm.config import LLMConfig, StorageConfig
 from cmevlm.storage import Storage, is_s3, join
 from cmevlm.teacher.backends import make_backend, request_limit
-from cmevlm.teacher.payload import Payload, PrivacyViolation, guard
+from cmevlm.teacher.payload import Payload, PrivacyViolation, StoredMasks, guard
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,12 @@ def cache_entry(cache_uri: str, key: str) -> str:
 
 class TeacherClient:
     def __init__(self, cfg: LLMConfig, workdir: str, storage: StorageConfig | None = None, wait=None, backend=None,
-                 cache_dir: str = "teacher/cache", audit_file: str = "teacher/audit.jsonl", role: str = "teacher", budget=None):
+                 cache_dir: str = "teacher/cache", audit_file: str = "teacher/audit.jsonl", role: str = "teacher", budget=None,
+                 stored_mask=None):
         self.cfg, self.role = cfg, role
         self.storage = Storage(storage)
+        # The guard's only source for what a mask must be: the item's mask in the run's storage.
+        self.stored_mask = stored_mask or StoredMasks(self.storage, join(workdir, "frames", "shards"))
         self.backend = backend or make_backend(cfg)
         self.cache_uri = join(workdir, cache_dir)
         self.audit = AuditLog(self.storage, join(workdir, audit_file))
@@ -171,7 +174,7 @@ class TeacherClient:
         hit = self._from_cache(key, schema)
         if hit is not None:
             return hit
-        payload = guard(payload, self.cfg.mask_size)  # what may leave, re-encoded; PrivacyViolation: nothing is sent
+        payload = guard(payload, self.cfg.mask_size, self.stored_mask)  # what may leave, re-encoded; PrivacyViolation: nothing is sent
         raw, last_error = "", ""
         for attempt in range(1, self.cfg.max_attempts + 1):
             reserved = 0.0  # a single request goes while the bill so far is under the cap
@@ -224,7 +227,7 @@ class TeacherClient:
                 results[i] = hit
                 continue
             try:
-                p = guard(p, self.cfg.mask_size)
+                p = guard(p, self.cfg.mask_size, self.stored_mask)
             except PrivacyViolation as e:
                 results[i] = e
                 continue

@@ -4,7 +4,8 @@ Every request to any teacher or judge backend is a `Payload` built by `build_pay
 passed through `guard` right before it is handed to a backend; backends receive only what the
 guard returns. The guard trusts no byte of the payload: an image part must decode to a single
 PNG frame of exactly two values (0 and 255), no larger than `mask_size` on either side, whose
-pixels equal the item's own mask (a hash of the pixels, not of the file); what is sent is then
+pixels equal the item's own mask as the run's storage holds it (`frames/`, asked by item id
+through `stored_mask`: never a hash or a mask the payload brings); what is sent is then
 a fresh encoding of those pixels, so nothing else a file can carry (text or EXIF chunks, data
 after IEND, a palette, other frames) ever leaves. Text (the system prompt and every text part)
 may not carry a data: URI or a long run of encoded bytes, however it is wrapped or split
@@ -47,7 +48,6 @@ class Payload:
     item_id: str
     system: str
     parts: tuple[Part, ...]
-    expected_mask_sha256: str | None = None  # pixel_sha256 of the one mask this item may send
     params: dict = field(default_factory=dict)  # generation parameters (temperature, max tokens)
     # What the text says, as data (structure, side, ...), for the offline stand-in teacher and
     # judge. Never sent and never audited: real backends send the system prompt and the parts.
@@ -89,13 +89,9 @@ def build_payload(item_id: str, system: str, text: str, mask_png: bytes | None, 
     """A payload of one text part and, when `mask_png` (the item's own mask from `frames/`)
     is given, that mask as a binary PNG."""
     parts = [Part("text", text=text)]
-    expected = None
     if mask_png is not None:
-        pixels = _mask_pixels(mask_png, mask_size)
-        parts.append(Part("mask", data=encode_png(pixels.astype(np.uint8) * 255, compress_level=9)))
-        expected = pixel_sha256(pixels)
-    return Payload(item_id=item_id, system=system, parts=tuple(parts), expected_mask_sha256=expected, params=dict(params or {}),
-                   facts=dict(facts or {}))
+        parts.append(Part("mask", data=mask_for_teacher(mask_png, mask_size)))
+    return Payload(item_id=item_id, system=system, parts=tuple(parts), params=dict(params or {}), facts=dict(facts or {}))
 
 
 # What could carry an image in text, looked for after normalising: a data: URI (any media type,
@@ -143,10 +139,26 @@ def _check_text(text, where: str) -> None:
         raise PrivacyViolation(f"{where} carries a long run of encoded bytes (base64, base64url or hex)")
 
 
-def guard(payload: Payload, mask_size: int) -> Payload:
+class StoredMasks:
+    """`stored_mask` for the guard: an item's mask as the ingest stage stored it
+    (<workdir>/frames/shards, item_id and mask only; read once, on the first mask asked for:
+    a few KB per item)."""
+
+    def __init__(self, storage, shards_uri: str):
+        self.storage, self.uri, self._masks = storage, shards_uri, None
+
+    def __call__(self, item_id: str) -> bytes | None:
+        if self._masks is None:
+            table = self.storage.read_parquet(self.uri, columns=["item_id", "mask"]) if self.storage.exists(self.uri) else None
+            self._masks = dict(zip(table.column("item_id").to_pylist(), table.column("mask").to_pylist())) if table is not None else {}
+        return self._masks.get(item_id)
+
+
+def guard(payload: Payload, mask_size: int, stored_mask) -> Payload:
     """The payload that may be sent: every text part checked, the one mask (if any) re-encoded
-    from its pixels once they are shown to be this item's 0/255 mask. Raises PrivacyViolation
-    for anything else."""
+    from its pixels once they are shown to be this item's 0/255 mask as storage holds it
+    (`stored_mask(item_id)`: its PNG bytes, or None for an item with no stored mask). Raises
+    PrivacyViolation for anything else."""
     _check_text(payload.system, "the system prompt")
     parts, masks = [], 0
     for part in payload.parts:
@@ -162,8 +174,9 @@ def guard(payload: Payload, mask_size: int) -> Payload:
         if masks > 1:
             raise PrivacyViolation(f"item {payload.item_id}: at most one mask may be sent")
         pixels = _check_mask(part.data, mask_size)
-        if payload.expected_mask_sha256 is None or pixel_sha256(pixels) != payload.expected_mask_sha256:
-            raise PrivacyViolation(f"item {payload.item_id}: the image part is not this item's mask (hash mismatch)")
+        stored = stored_mask(payload.item_id)
+        if stored is None or pixel_sha256(pixels) != pixel_sha256(_mask_pixels(stored, mask_size)):
+            raise PrivacyViolation(f"item {payload.item_id}: the image part is not this item's stored mask (hash mismatch)")
         parts.append(Part("mask", data=encode_png(pixels.astype(np.uint8) * 255, compress_level=9)))
     return replace(payload, parts=tuple(parts))
 
