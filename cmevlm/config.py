@@ -381,6 +381,12 @@ class FederationConfig(_Section):
     min_sites: int | None = Field(None, ge=1, description="Sites a round waits for; None = all.")
     dp: DPSettings | None = Field(None, description="Differential privacy filter on every site's updates; null = off.")
     secure_aggregation: bool = Field(False, description="Homomorphic encryption (FLARE's CKKS through TenSEAL): each site encrypts its weighted tensors with the consortium's key, the coordinator sums ciphertexts it cannot read, only sites decrypt; the coordinator then keeps no plaintext model. Kits carry the keys (provisioned with this on).")
+    aggregation: Literal["fedavg", "trimmed_mean", "median"] = Field("fedavg", description="How the round's bounded updates are combined: fedavg (weighted by the capped example counts), trimmed_mean (per value, trim_fraction of the sites cut at each end, unweighted) or median (per value, unweighted). Not with secure_aggregation (the coordinator sums ciphertexts).")
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: the fraction of sites cut at each end of every value.")
+    max_update_norm: float | None = Field(None, gt=0, description="A site's update (its tensors minus the global model, L2 over all tensors) is clipped to this distance; sites refuse a global model that moved further in one round. null = no absolute bound (clip_to_median still applies). The round log records every update's distance: set it from the honest ones.")
+    clip_to_median: float | None = Field(3.0, gt=0, description="A site's update is also clipped to this multiple of the round's lower median update distance (an honest majority sets it); null = off.")
+    enrolled_examples: dict[str, int] = Field(default_factory=dict, description="The example count each site declared when it enrolled: its FedAvg weight is capped there, and a site missing from a non-empty map is refused. Empty = every count capped at max_examples.")
+    max_examples: int = Field(100_000, ge=1, description="The cap on a self-reported example count when enrolled_examples is empty.")
     capture_messages: bool = Field(False, description="Each site also keeps every serialized message it sends under federation/messages/ (for the no-image scan).")
     timeout_s: float = Field(3600, gt=0, description="Seconds the coordinator waits for the job.")
 
@@ -389,6 +395,9 @@ class FederationConfig(_Section):
         if self.secure_aggregation and self.dp:
             raise ValueError("federation.secure_aggregation and federation.dp together: FLARE's DP filter would run on the "
                              "ciphertexts (the encryptor is the site's first output filter); choose one")
+        if self.secure_aggregation and self.aggregation != "fedavg":
+            raise ValueError(f"federation.aggregation: {self.aggregation} needs the values, and under secure_aggregation the "
+                             "coordinator only sums ciphertexts; use fedavg (the sites then bound what comes back)")
         if self.secure_aggregation and self.dpo_rounds and self.trainable == "full":
             raise ValueError("federation.secure_aggregation with dpo_rounds needs trainable: lora (DPO's full start is the SFT "
                              "consortium model, which an encrypting coordinator never holds in plaintext)")

@@ -60,7 +60,8 @@ def build_recipe(cfg: RunConfig, initial: str, phase: str = "sft"):
         model={"class_path": "cmevlm.federation.state.TrainableState",
                "args": {"uri": initial, "endpoint": cfg.storage.endpoint, "region": cfg.storage.region}},
         train_script=str(launcher), train_args=phase, launch_external_process=True, command="python3 -u",
-        params_transfer_type=TransferType.DIFF if f.dp else TransferType.FULL)
+        params_transfer_type=TransferType.DIFF if f.dp else TransferType.FULL,
+        **({} if f.secure_aggregation else {"aggregator": bounded_aggregator(cfg, initial)}))
     if f.dp:
         d = f.dp
         recipe.add_client_output_filter(SVTPrivacy(fraction=d.fraction, epsilon=d.epsilon, noise_var=d.noise_var, gamma=d.gamma, tau=d.tau),
@@ -68,6 +69,15 @@ def build_recipe(cfg: RunConfig, initial: str, phase: str = "sft"):
     recipe.add_client_output_filter(filters.SiteAudit(), tasks=[TASK])
     recipe.add_server_input_filter(filters.RoundLog(initial, cfg.storage.endpoint, cfg.storage.region, f.secure_aggregation), tasks=[TASK])
     return recipe
+
+
+def bounded_aggregator(cfg: RunConfig, initial: str):
+    """The coordinator's aggregation with each site's influence bounded (cmevlm.federation.aggregation)."""
+    from cmevlm.federation.aggregation import BoundedAggregator
+
+    f = cfg.federation
+    return BoundedAggregator(initial, cfg.storage.endpoint, cfg.storage.region, f.aggregation, f.trim_fraction, f.max_update_norm,
+                             f.clip_to_median, f.enrolled_examples, f.max_examples)
 
 
 def submit_and_wait(cfg: RunConfig, recipe, admin_kit: Path) -> Path:

@@ -84,7 +84,8 @@ def expected_shapes(uri: str, endpoint: str | None = None, region: str | None = 
 
 
 def check_update(data: dict, expected: dict[str, tuple], encrypted: dict | None = None) -> str | None:
-    """Why a site's tensors cannot be averaged (names, shapes, non-finite values), or None.
+    """Why a site's tensors cannot be averaged (names, shapes, a dtype other than float32,
+    non-finite values), or None.
     With secure aggregation (`encrypted` = the message's {name: encrypted?}) every tensor must
     be a ciphertext of the right number of values: a plaintext one is refused, and values the
     coordinator cannot read it cannot check."""
@@ -103,8 +104,10 @@ def check_update(data: dict, expected: dict[str, tuple], encrypted: dict | None 
         a = np.asarray(v)
         if a.shape != expected[k]:
             return f"{k}: shape {list(a.shape)} != {list(expected[k])}"
-        if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
-            return f"{k}: {'non-float' if not np.issubdtype(a.dtype, np.floating) else 'non-finite'} values"
+        if a.dtype != np.float32:
+            return f"{k}: dtype {a.dtype} (sites send float32)"
+        if not np.isfinite(a).all():
+            return f"{k}: non-finite values"
     return None
 
 
@@ -138,14 +141,15 @@ class RoundLog(Filter):
             facts["metrics"], reason = {}, f"not a model update: {type(e).__name__}"
         if reason:
             facts["rejected"] = reason
-        self._log(facts)
+        append_round_log(facts)
         return make_reply(ReturnCode.BAD_TASK_DATA) if reason else shareable
 
-    @staticmethod
-    def _log(facts: dict) -> None:
-        path = os.environ.get(ROUND_LOG_ENV)
-        if path:
-            with open(path, "a") as f:
-                f.write(json.dumps({"time": time.time(), **facts}, default=str) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+
+def append_round_log(facts: dict) -> None:
+    """One record of the coordinator's round log (the file CMEVLM_ROUND_LOG names), fsynced."""
+    path = os.environ.get(ROUND_LOG_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **facts}, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -72,9 +72,11 @@ def examples(cfg, phase: str) -> int:
     return Storage(cfg.storage).read_parquet(stage_uri(cfg, stage_of(cfg, phase).data), columns=["item_id"]).num_rows
 
 
-def answer(cfg, received, phase: str, state: dict, ready: dict) -> tuple[dict, dict]:
+def answer(cfg, received, phase: str, state: dict, ready: dict, seen: dict) -> tuple[dict, dict]:
     """(tensors, metrics) this site sends for one received round."""
     rnd, total = received.current_round, received.total_rounds
+    check_global(cfg, state, seen.get(phase), rnd)
+    seen[phase] = state
     if rnd == total - 1:
         return state, {"phase": "distribute", **distribute(cfg, state, phase)}
     if phase == "dpo" and not ready:
@@ -82,6 +84,27 @@ def answer(cfg, received, phase: str, state: dict, ready: dict) -> tuple[dict, d
     out, metrics = train_round(cfg, state, rnd, phase)
     check_finite(cfg, out, rnd, metrics)
     return out, {"phase": "train", **metrics, **ready}
+
+
+def check_global(cfg, state: dict, last: dict | None, rnd: int) -> None:
+    """A site applies the coordinator's bounds to what comes back: a global model with
+    non-finite values, other tensors than the last round's, or (with federation.max_update_norm)
+    further from the last global than one bounded round can move it, is refused before this
+    site trains on it or keeps it (under secure aggregation only the sites can see the values)."""
+    import torch
+
+    site, bound = cfg.federation.site, cfg.federation.max_update_norm
+    bad = sorted(k for k, v in state.items() if not torch.isfinite(v).all())
+    if bad:
+        raise RuntimeError(f"site {site}: round {rnd}'s global model has non-finite values ({bad[0]}, ...): refused")
+    if last is None:
+        return
+    if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in last.items()}:
+        raise RuntimeError(f"site {site}: round {rnd}'s global model has other tensors than the last round's: refused")
+    moved = float(sum(torch.sum((state[k].double() - last[k].double()) ** 2) for k in state) ** 0.5)
+    if bound is not None and moved > bound * (1 + 1e-3):
+        raise RuntimeError(f"site {site}: round {rnd}'s global model moved {moved:.4g} from the last, more than "
+                           f"federation.max_update_norm {bound:g}: refused")
 
 
 def check_finite(cfg, tensors: dict, rnd: int, metrics: dict) -> None:
@@ -115,12 +138,13 @@ def main() -> None:
     connect(cfg.ray)
     flare.init()
     ready: dict = {}
+    seen: dict = {}
     n = 0
     while flare.is_running():
         received = flare.receive()
         if received is None:
             break
-        out, metrics = answer(cfg, received, phase, from_numpy(received.params), ready)
+        out, metrics = answer(cfg, received, phase, from_numpy(received.params), ready, seen)
         n = n or examples(cfg, phase)  # once per job: DPO's pairs exist after its first round
         log.info("site %s %s round %d/%d: %s", cfg.federation.site, phase, received.current_round + 1, received.total_rounds, metrics)
         flare.send(flare.FLModel(params={k: v.float() for k, v in out.items()}, metrics={**metrics, "stage": phase, "examples": n},
