@@ -70,6 +70,7 @@ def write(coord: RunConfig, sites: list[RunConfig], fed: dict, local: dict, timi
     report = {"engine": fed["engine"], "federated": federated_scores(fed["rounds"]), "phases": fed.get("phases", ["sft"]),
               "federated_sft": federated_scores(fed["rounds"], "sft"), "local": local, "pretrained": pretrained or {},
               "rounds": [{k: r.get(k) for k in ("phase", "round", "site", "bytes", "examples", "sha256", "data_kind")} | {"metrics": r.get("metrics")}
+                         | {k: r[k] for k in ("event", "rejected", "refused", "capped", "clipped") if k in r}  # why a site was bounded
                          for r in fed["rounds"]],
               "bytes_per_round": bytes_per_round(fed["rounds"]), "image_bytes_in_messages": scan["image_bytes_found"],
               "messages_scanned": scan["messages"], "scan": scan, "trainable": coord.federation.trainable,
