@@ -112,18 +112,15 @@ def seven_b_values() -> tuple[int, int]:
 
 def he_costs(sizes: list[int]) -> dict:
     """Secure aggregation's cost for tensors of these sizes, measured with the consortium's
-    own CKKS parameters (cmevlm.federation.kits.HE_BUILDER): each tensor is one CKKS vector
+    own CKKS context (cmevlm.federation.kits.new_context): each tensor is one CKKS vector
     that FLARE serializes with its (public) context; encryption time and bytes are measured
     once per distinct size and counted for every tensor."""
     import numpy as np
     import tenseal as ts
 
-    from cmevlm.federation.kits import HE_BUILDER
+    from cmevlm.federation.kits import new_context
 
-    a = HE_BUILDER["args"]
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=a["poly_modulus_degree"], coeff_mod_bit_sizes=a["coeff_mod_bit_sizes"])
-    ctx.generate_relin_keys()
-    ctx.global_scale = 2 ** a["scale_bits"]
+    ctx = new_context()
     sent_ctx = len(ctx.serialize(save_secret_key=False))
     per = {}
     for n in sorted(set(sizes)):

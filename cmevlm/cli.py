@@ -271,11 +271,8 @@ def cmd_federate(args) -> int:
     from cmevlm.federation import coordinator, kits
 
     cfg = absolute_paths(_load(args))
-    if args.provision:
-        out = kits.provision(cfg)
-        print(f"startup kits in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
-        if args.secrets:
-            print(f"Kubernetes Secrets: {kits.write_secrets(cfg, args.secrets)}")
+    if args.provision or args.approve or args.he_public or args.sign or args.secrets:
+        print("\n".join(kits.coordinator_steps(cfg, args.provision, args.approve, args.he_public, args.sign, args.secrets)))
         return 0
     if args.server:  # the coordinator's Deployment: FLARE's server in the foreground
         server = coordinator.serve(cfg, coordinator.server_kit(cfg))  # no model loaded: the server only needs its kit
@@ -296,9 +293,13 @@ def cmd_federate(args) -> int:
 
 def cmd_site(args) -> int:
     from cmevlm.config import absolute_paths
-    from cmevlm.federation import site
+    from cmevlm.federation import kits, site
 
-    return site.run(absolute_paths(_load(args)), once=args.once)
+    cfg = absolute_paths(_load(args))
+    if args.request or args.package or args.he_keys is not None or args.he_signature or args.secrets:
+        print("\n".join(kits.site_steps(cfg, args.request, args.package, args.fingerprint, args.he_keys, args.he_signature, args.secrets)))
+        return 0
+    return site.run(cfg, once=args.once)
 
 
 def cmd_pipeline(args) -> int:
@@ -445,11 +446,19 @@ def _federation_commands(sub) -> None:
                        "FedAvg job over federation.sites (federation.rounds rounds of federation.local_steps local SFT steps, "
                        "weighted by example counts, then a distribution round in which each site evaluates and keeps the model), "
                        "then, with federation.dpo_rounds, a DPO job from that model (each site samples and prefers on its own "
-                       "data first), and write <workdir>/models/federated, models/federated-dpo and consortium/federation.json. Kits are provisioned "
-                       "under federation.kits when missing (unless federation.kit points at a mounted one).")
+                       "data first), and write <workdir>/models/federated, models/federated-dpo and consortium/federation.json. The "
+                       "coordinator's own kits are provisioned under federation.kits when missing (unless federation.kit points at "
+                       "a mounted one); sites make their own keys (`cmevlm site --request`).")
     _config_args(p)
-    p.add_argument("--provision", action="store_true", help="only write every participant's startup kit (certificates) and exit")
-    p.add_argument("--secrets", metavar="DIR", default=None, help="with --provision: also write one Kubernetes Secret manifest per kit into DIR")
+    p.add_argument("--provision", action="store_true", help="only make the root CA and the coordinator's own server and admin kits, "
+                   "print the CA's fingerprint, and exit")
+    p.add_argument("--approve", nargs="+", default=[], metavar="REQUEST_ZIP", help="sign sites' certificate requests "
+                   "(`cmevlm site --request`): signed zips under federation.kits/signed, to return to each site")
+    p.add_argument("--he-public", metavar="FILE", default=None, help="install the consortium's public CKKS context (secure "
+                   "aggregation; one with a secret key is refused), signed by the root CA")
+    p.add_argument("--sign", nargs="+", default=[], metavar="DIGESTS", help="secure aggregation: sign sites' kits from their "
+                   "digests (`cmevlm site --he-keys` writes them; the coordinator never sees the files)")
+    p.add_argument("--secrets", metavar="DIR", default=None, help="write the coordinator's own kits as Kubernetes Secret manifests into DIR")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--server", action="store_true", help="only run FLARE's server in the foreground (the chart's coordinator Deployment)")
     mode.add_argument("--submit", action="store_true", help="only submit the jobs (SFT, then DPO) to a running server with the admin kit, wait, and write the outputs")
@@ -462,6 +471,16 @@ def _federation_commands(sub) -> None:
                        "recorded in <workdir>/federation/audit.jsonl before it leaves.")
     _config_args(p)
     p.add_argument("--once", action="store_true", help="stop after this site has kept the consortium's last model (after DPO with federation.dpo_rounds)")
+    p.add_argument("--request", action="store_true", help="make this site's private key (kept here, 0600) and a certificate "
+                   "request zip for the coordinator, and exit")
+    p.add_argument("--package", metavar="SIGNED_ZIP", default=None, help="build this site's kit from the coordinator's signed zip "
+                   "and its own key (with --fingerprint), and exit")
+    p.add_argument("--fingerprint", default=None, help="the root CA's SHA-256 fingerprint, as the coordinator gave it out of band")
+    p.add_argument("--he-keys", nargs="?", const="", default=None, metavar="SECRET_CONTEXT", help="secure aggregation: make the "
+                   "consortium's CKKS keys here (no FILE; one site does), or install the secret context another site made (FILE)")
+    p.add_argument("--he-signature", metavar="FILE", default=None, help="install the root CA's signatures of this site's kit "
+                   "(the coordinator's <site>.signature.json; each checked against this site's files)")
+    p.add_argument("--secrets", metavar="DIR", default=None, help="write this site's own kit as a Kubernetes Secret manifest into DIR")
     p.set_defaults(func=cmd_site)
 
 

@@ -36,7 +36,7 @@ def _federate(root, taught, tiny_model_dir, synth_dir, **fed):
     """A coordinator and the two sites under `root`, federated: (coordinator, sites, summary).
     site-b holds the second half of the examples: FedAvg must weight it less, and it samples
     other items."""
-    fed = {"kits": str(root / "kits"), "port": free_port(), **fed}
+    fed = {"port": free_port(), **fed}  # each site's kit under its own workdir, the coordinator's under root/kits
     sites = []
     for i, name in enumerate(SITES):
         work = root / name
@@ -49,7 +49,7 @@ def _federate(root, taught, tiny_model_dir, synth_dir, **fed):
             st.write_parquet(str(work / "sft/train/part-00000.parquet"), rows.slice(rows.num_rows // 2))
             st.write_manifest(str(work / "sft"), stage="teach")
         sites.append(_cfg(work, tiny_model_dir, synth_dir, fed, name))
-    coord = _cfg(root / "coordinator", tiny_model_dir, synth_dir, fed, None)
+    coord = _cfg(root / "coordinator", tiny_model_dir, synth_dir, {**fed, "kits": str(root / "kits")}, None)
     return coord, sites, demo.federate(coord, sites)
 
 
@@ -164,20 +164,6 @@ def test_dp_puts_flares_svt_filter_before_the_audit(tmp_path, tiny_model_dir, sy
     assert "cmevlm.federation.state.TrainableState" in json.dumps(server)
 
 
-def test_provisioned_kits_are_mutual_tls_and_become_secrets(tmp_path, tiny_model_dir, synth_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, synth_dir, {"kits": str(tmp_path / "kits"), "sites": ["site_a", "site-b"]}, None)
-    out = kits.provision(cfg)
-    assert sorted(p.name for p in out.iterdir()) == ["admin@cmevlm.local", "localhost", "site-b", "site_a"]
-    client = json.loads((out / "site_a" / "startup" / "fed_client.json").read_text())
-    assert client["client"]["connection_security"] == "mtls" and client["servers"][0]["service"]["scheme"] == "grpc"
-    assert (out / "site_a" / "startup" / "client.key").exists() and (out / "localhost" / "startup" / "server.key").exists()
-    secret = kits.secret_manifest(out / "site_a", "cmevlm-kit-site-a")
-    assert secret["kind"] == "Secret" and {"client.crt", "client.key", "rootCA.pem", "fed_client.json"} <= set(secret["data"])
-    before = (out / "site_a" / "startup" / "client.key").read_bytes()
-    kits.provision(cfg)  # existing kits are kept, never re-issued
-    assert (out / "site_a" / "startup" / "client.key").read_bytes() == before
-
-
 def test_the_coordinator_refuses_updates_that_do_not_fit_or_are_not_finite(tmp_path, monkeypatch):
     import numpy as np
     from nvflare.apis.dxo import DXO, DataKind
@@ -206,19 +192,6 @@ def test_the_coordinator_refuses_updates_that_do_not_fit_or_are_not_finite(tmp_p
     log = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [("rejected" in r) for r in log] == [False, True, True, True, True, True]
     assert "non-finite" in log[1]["rejected"] and "shape" in log[2]["rejected"] and "names differ" in log[3]["rejected"]
-
-
-def test_federate_provision_writes_kits_and_secret_manifests(tmp_path):
-    from cmevlm.cli import main
-
-    assert main(["federate", "--provision", "--secrets", str(tmp_path / "secrets"), "--set", f"workdir={tmp_path}",
-                 "--set", "federation.sites=[site_a, site_b]"]) == 0
-    secrets = sorted(p.name for p in (tmp_path / "secrets").iterdir())
-    assert secrets == ["cmevlm-kit-admin-at-cmevlm-local.yaml", "cmevlm-kit-localhost.yaml", "cmevlm-kit-site-a.yaml", "cmevlm-kit-site-b.yaml"]
-    import yaml
-
-    doc = yaml.safe_load((tmp_path / "secrets" / "cmevlm-kit-site-a.yaml").read_text())
-    assert doc["kind"] == "Secret" and "client.key" in doc["data"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,9 +229,10 @@ def test_secure_aggregation_sends_only_ciphertexts_and_the_sites_get_the_weighte
     import tenseal as ts
 
     coord, sites, summary = encrypted_consortium
-    kit = kits.kits_dir(coord)
-    assert not ts.context_from((kit / "localhost" / "startup" / kits.HE_CONTEXT["server"]).read_bytes()).is_private()  # no secret key
-    assert all(ts.context_from((kit / s / "startup" / kits.HE_CONTEXT["client"]).read_bytes()).is_private() for s in SITES)
+    kit = kits.kit_of(coord, coord.federation.server_host)
+    assert not ts.context_from((kit / "startup" / kits.HE_CONTEXT["server"]).read_bytes()).is_private()  # no secret key
+    assert all(ts.context_from((kits.kit_of(s, s.federation.site) / "startup" / kits.HE_CONTEXT["client"]).read_bytes()).is_private()
+               for s in sites)
     sent = {s.federation.site: _decrypted(s) for s in sites}
     assert all(len(m) == 2 for m in sent.values())  # the training round, the distribution round
     assert not any(c.is_private() for m in sent.values() for msg in m for c in msg["contexts"])  # the secret key never leaves

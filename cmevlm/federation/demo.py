@@ -57,7 +57,7 @@ def site_config(base: RunConfig, root: Path, style: SiteStyle) -> RunConfig:
     work = root / "sites" / style.site
     c.workdir, c.model.base = str(work), str(root / "models" / "pretrained")
     c.sources = [Source(uri=str(work / "synth"), layout="cmevlm", site=style.site)]
-    c.federation = FederationConfig(site=style.site, sites=[s.site for s in SITES], kits=str(root / "kits"), **FEDERATION)
+    c.federation = FederationConfig(site=style.site, sites=[s.site for s in SITES], **FEDERATION)  # its kit under its own workdir
     for section, values in ((c.sft, SFT), (c.dpo, DPO), (c.sample, SAMPLE)):
         for k, v in values.items():
             setattr(section, k, v)
@@ -68,7 +68,7 @@ def site_config(base: RunConfig, root: Path, style: SiteStyle) -> RunConfig:
 def coordinator_config(base: RunConfig, root: Path) -> RunConfig:
     c = site_config(base, root, SITES[0])
     c.workdir, c.sources = str(root), []
-    c.federation.site = None
+    c.federation.site, c.federation.kits = None, str(root / "kits")
     return c
 
 
@@ -133,7 +133,7 @@ def federate(coord: RunConfig, cfgs: list[RunConfig]) -> dict:
         log.info("federate: %s exists, skipped", done)
         return st.read_json(done)
 
-    kits.provision(coord)
+    kits.enroll(coord, cfgs)  # each site's key made and kept in its own folder; the coordinator signs
     procs = [site.start(c) for c in cfgs]
     try:
         return coordinator.run(coord)
