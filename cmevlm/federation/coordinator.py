@@ -49,7 +49,7 @@ def build_recipe(cfg: RunConfig, initial: str, phase: str = "sft"):
     from cmevlm.federation import filters
 
     f = cfg.federation
-    launcher = local_dir(cfg, "coordinator") / "cmevlm_site.py"  # outside any package: FLARE ships it as is
+    launcher = local_dir(cfg, "coordinator") / "cmevlm_site.py"  # FLARE's recipe wants a script; the job ships none (installed_job)
     launcher.write_text("from cmevlm.federation.site_app import main\n\nmain()\n")
     if f.secure_aggregation:
         from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE as Recipe
@@ -68,6 +68,23 @@ def build_recipe(cfg: RunConfig, initial: str, phase: str = "sft"):
                                         tasks=[TASK])
     recipe.add_client_output_filter(filters.SiteAudit(), tasks=[TASK])
     recipe.add_server_input_filter(filters.RoundLog(initial, cfg.storage.endpoint, cfg.storage.region, f.secure_aggregation), tasks=[TASK])
+    return installed_job(recipe, phase)
+
+
+def installed_job(recipe, phase: str):
+    """The job without code: no script and no copy of this package's modules travel in it (a
+    site refuses a job that carries code); each site runs its installed
+    `cmevlm.federation.site_app` with the phase and this package's version (site_policy)."""
+    from cmevlm.federation.site_policy import job_command
+
+    job = recipe._job  # FLARE's recipe builds the FedJob; it has no public setter for these two
+    job.job.set_app_packages(["cmevlm"])
+    for app in job._deploy_map.values():
+        config = app.app_config
+        if hasattr(config, "executors"):
+            config.ext_scripts = []
+            for e in config.executors:
+                e.executor._command = job_command(phase)
     return recipe
 
 
@@ -113,12 +130,12 @@ def rounds(round_log: Path) -> list[dict]:
 
 
 def server_kit(cfg: RunConfig) -> Path:
-    """The coordinator's kit (provisioned only when the kits folder does not exist: mounted
-    Secrets are never overwritten)."""
+    """The coordinator's kit (its own part provisioned when there is no kit: a mounted Secret
+    is never overwritten)."""
     f = cfg.federation
     if not f.sites:
         raise ConfigError("federation.sites is empty: name every site of the consortium")
-    if not f.kit and not kits.kits_dir(cfg).exists():
+    if not f.kit and not (kits.kit_of(cfg, f.server_host) / "startup").is_dir():
         kits.provision(cfg)
     return kits.require_kit(kits.kit_of(cfg, f.server_host), "federate")
 

@@ -46,14 +46,20 @@ def _fresh_workspace(kit: Path, work: Path) -> Path:
 
 
 def start_server(kit: Path, work: Path, org: str, log: Path) -> subprocess.Popen:
+    from cmevlm.federation import site_policy
+
     ws = _fresh_workspace(kit, work)
+    site_policy.apply_coordinator(ws)
     cmd = [sys.executable, "-u", "-m", "nvflare.private.fed.app.server.server_train", "-m", str(ws), "-s", "fed_server.json",
            "--set", "secure_train=true", f"org={org}", "config_folder=config"]
     return _spawn(cmd, ws, log, _env())
 
 
 def start_site(kit: Path, work: Path, site: str, org: str, site_config_json: str, log: Path) -> subprocess.Popen:
+    from cmevlm.federation import site_policy
+
     ws = _fresh_workspace(kit, work)
+    site_policy.apply(ws)  # the site's own authorization and job guard, written at every start
     cmd = [sys.executable, "-u", "-m", "nvflare.private.fed.app.client.client_train", "-m", str(ws), "-s", "fed_client.json",
            "--set", "secure_train=true", f"uid={site}", f"org={org}", "config_folder=config"]
     return _spawn(cmd, ws, log, _env({SITE_CONFIG_ENV: site_config_json}))

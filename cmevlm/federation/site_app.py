@@ -75,6 +75,7 @@ def examples(cfg, phase: str) -> int:
 def answer(cfg, received, phase: str, state: dict, ready: dict, seen: dict) -> tuple[dict, dict]:
     """(tensors, metrics) this site sends for one received round."""
     rnd, total = received.current_round, received.total_rounds
+    check_job(cfg, phase, rnd, total)
     check_global(cfg, state, seen.get(phase), rnd)
     seen[phase] = state
     if rnd == total - 1:
@@ -84,6 +85,15 @@ def answer(cfg, received, phase: str, state: dict, ready: dict, seen: dict) -> t
     out, metrics = train_round(cfg, state, rnd, phase)
     check_finite(cfg, out, rnd, metrics)
     return out, {"phase": "train", **metrics, **ready}
+
+
+def check_job(cfg, phase: str, rnd, total) -> None:
+    """The coordinator decides a job's rounds: this site takes at most its own config's
+    (federation.rounds or dpo_rounds, + the distribution round)."""
+    f = cfg.federation
+    most = (f.rounds if phase == "sft" else f.dpo_rounds) + 1
+    if not isinstance(total, int) or not isinstance(rnd, int) or not 0 <= rnd < total <= most:
+        raise RuntimeError(f"site {f.site}: a {phase} job of {total} rounds (round {rnd}) is more than this site's {most}: refused")
 
 
 def check_global(cfg, state: dict, last: dict | None, rnd: int) -> None:
@@ -128,11 +138,15 @@ def main() -> None:
     from cmevlm.cluster import apply_env_defaults, connect
     from cmevlm.config import RunConfig
     from cmevlm.federation.processes import SITE_CONFIG_ENV
+    from cmevlm.federation.site_policy import package_version
     from cmevlm.federation.state import TRAINING_PHASES, from_numpy
 
-    phase = sys.argv[1] if len(sys.argv) > 1 else "sft"
+    phase, version = (sys.argv[1:] + ["", ""])[:2]
     if phase not in TRAINING_PHASES:
         raise SystemExit(f"the job's phase must be one of {TRAINING_PHASES}, not {phase!r}")
+    if version != package_version():
+        raise SystemExit(f"the coordinator's job was built by cmevlm {version or '(unknown)'}, this site runs {package_version()}: "
+                         "refused (install the consortium's version)")
     apply_env_defaults()
     cfg = RunConfig.model_validate_json(os.environ[SITE_CONFIG_ENV])
     connect(cfg.ray)
