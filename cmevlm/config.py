@@ -298,7 +298,9 @@ class ServeConfig(_Section):
 
     model: str = Field("models/dpo", description="Model to serve (relative = under the workdir; or s3://).")
     dtype: InferenceDtype = Field("auto", description="Weights' dtype: auto = bfloat16 on a GPU, float32 on CPU.")
-    name: str = Field("cmevlm", description="Model name reported by /v1/models and in responses.")
+    name: str = Field("cmevlm", description="Model name reported by /v1/models and in responses; a request naming another model (not in model_aliases) gets 404 model_not_found.")
+    sampling_defaults: Literal["model", "openai"] = Field("model", description="What a request's unset temperature / top_p / top_k / min_p default to: model = the served model's generation_config.json where it sets them (as vLLM does; Qwen2.5-VL's: temperature 0.1, top_p 0.001, top_k 1, nearly greedy), openai = OpenAI's (temperature 1, top_p 1, no top-k).")
+    model_aliases: list[str] = Field(default_factory=list, description="Other model names requests may use for this model (e.g. the name a client is configured with).")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 only behind the cluster's ingress and NetworkPolicy.")
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = CMEVLM_API_KEYS (comma-separated); none at all is allowed only on 127.0.0.1.")

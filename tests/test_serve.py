@@ -17,7 +17,7 @@ from cmevlm.config import load_config
 from cmevlm.data.synth import render_frame
 from conftest import free_port
 
-KEY = "secret-test-key"
+KEY = "secret-test-key-0001"
 
 
 def _png(arr) -> str:
@@ -35,7 +35,7 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     port = free_port()
     cfg = load_config(overrides=[f"workdir={tmp_path_factory.mktemp('serve')}", f"serve.model={tiny_model_dir}", f"serve.port={port}",
                                  f"serve.api_keys=[{KEY}]", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.2",
-                                 "serve.max_tokens_cap=64", "serve.num_cpus_per_replica=0.5", "data.image_size=56"])
+                                 "serve.max_tokens_cap=64", "serve.num_cpus_per_replica=0.5", "serve.sampling_defaults=openai", "data.image_size=56"])
     app.run(cfg, block=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -108,7 +108,6 @@ def test_wrong_or_missing_key_gets_401(server, frame_and_mask):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.org/x.png"}}]}]}, "remote image URLs are refused"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, "invalid base64"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}}]}]}, "not a readable image"),
-    ({"messages": [{"role": "user", "content": "no image here"}]}, "no image"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
     ({"max_tokens": 10_000, "messages": [{"role": "user", "content": "x"}]}, "exceeds the cap"),
     ({"temperature": 7, "messages": [{"role": "user", "content": "x"}]}, "temperature"),
@@ -154,3 +153,133 @@ def test_sixteen_parallel_requests_are_batched(server, frame_and_mask):
 def test_healthz(server):
     with urllib.request.urlopen(server + "/healthz") as r:
         assert json.loads(r.read())["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# What clients nobody here wrote send (the official openai SDK; lm-eval, guidellm, LangChain
+# send the same fields): vLLM's OpenAI server is the reference.
+
+
+def _client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY)
+
+
+def test_text_only_chat_and_the_newer_roles_are_answered(server):
+    r = _client(server).chat.completions.create(model="cmevlm", max_tokens=4, messages=[
+        {"role": "developer", "content": "You are a surgical assistant."},
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": None}, {"role": "user", "content": "Which structure?"}])
+    assert r.choices[0].finish_reason in ("stop", "length") and isinstance(r.choices[0].message.content, str)
+
+
+def test_stop_strings_end_the_answer_where_they_begin_streamed_or_not(server, frame_and_mask):
+    c = _client(server)
+    kw = dict(model="cmevlm", messages=_messages(_image_uri(frame_and_mask[0])), max_tokens=24, temperature=1.0, seed=11)
+    full = c.chat.completions.create(**kw).choices[0].message.content
+    assert len(full) > 6, full
+    stop = full[3:6]
+    cut = c.chat.completions.create(**kw, stop=[stop, "never-there"])
+    assert cut.choices[0].message.content == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = list(c.chat.completions.create(**kw, stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == full[:full.index(stop)]
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_unknown_fields_are_ignored_and_sampling_fields_are_honoured(server, frame_and_mask):
+    c = _client(server)
+    kw = dict(model="cmevlm", messages=_messages(_image_uri(frame_and_mask[0])), max_tokens=6)
+    r = c.chat.completions.create(**kw, frequency_penalty=0.5, presence_penalty=0.5, store=False, temperature=0.7, seed=1,
+                                  extra_body={"top_k": 20, "min_p": 0.05, "ignore_eos": True, "some_future_field": {"a": 1}})
+    assert r.usage.completion_tokens == 6  # ignore_eos: the whole budget
+    chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"stream_options": {"include_usage": True, "continuous_usage_stats": True}}))
+    assert all(ch.usage is not None for ch in chunks)  # usage in every chunk, as vLLM's continuous_usage_stats
+    status, body = _post(server + "/v1/chat/completions", {"messages": _messages(_image_uri(frame_and_mask[0])), "max_tokens": "6"})
+    assert status == 400 and body["error"]["param"] == "max_tokens"  # known fields stay strictly typed
+
+
+def test_without_a_seed_sampling_differs_and_a_tiny_temperature_is_greedy(server, frame_and_mask):
+    c = _client(server)
+    kw = dict(model="cmevlm", messages=_messages(_image_uri(frame_and_mask[0])), max_tokens=16)
+    texts = {c.chat.completions.create(**kw, temperature=1.0).choices[0].message.content for _ in range(4)}
+    assert len(texts) > 1, texts
+    greedy = c.chat.completions.create(**kw, temperature=0.0).choices[0].message.content
+    assert c.chat.completions.create(**kw, temperature=1e-300).choices[0].message.content == greedy
+
+
+def test_errors_come_in_openais_shape(server):
+    c = _client(server)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        c.chat.completions.create(model="cmevlm", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                  tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert c.models.retrieve("cmevlm").id == "cmevlm"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("other")
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        req = urllib.request.Request(server + path, method=method, headers={"Authorization": f"Bearer {KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == status and set(json.loads(err.value.read())["error"]) == {"message", "type", "param", "code"}
+    assert _post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+                 key=None, raw=None)[0] == 401
+    lower = urllib.request.Request(server + "/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    assert urllib.request.urlopen(lower, timeout=30).status == 200  # the scheme is case-insensitive
+    assert urllib.request.urlopen(server + "/health", timeout=30).status == 200
+
+
+def test_a_text_too_long_for_the_context_is_refused_before_tokenizing(server):
+    status, body = _post(server + "/v1/chat/completions", {"messages": [{"role": "system", "content": "x" * 2_000_000},
+                                                                        {"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert status == 400 and "characters" in body["error"]["message"] and body["error"]["param"] == "messages"
+
+
+def test_short_api_keys_refuse_to_start(tiny_model_dir, capsys):
+    from cmevlm.cli import main
+
+    assert main(["serve", "--set", "serve.api_keys=[short-key]", "--set", f"serve.model={tiny_model_dir}"]) == 2
+    assert "shorter than 16 characters" in capsys.readouterr().err
+
+
+def test_a_client_that_goes_away_stops_its_generation_and_counts_499(server, frame_and_mask):
+    import socket
+
+    def count(status):
+        text = urllib.request.urlopen(urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})).read().decode()
+        line = next((x for x in text.splitlines() if x.startswith(f'cmevlm_requests_total{{endpoint="chat",status="{status}"}}')), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before, errors = count("499"), count("500")
+    body = json.dumps({"messages": _messages(_image_uri(frame_and_mask[0])), "max_tokens": 64, "n": 8, "temperature": 1.0,
+                       "ignore_eos": True, "stream": True}).encode()
+    port = int(server.rsplit(":", 1)[1])
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")  # streaming began
+        s.close()
+    r = _client(server).chat.completions.create(model="cmevlm", messages=_messages(_image_uri(frame_and_mask[0])), max_tokens=1)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    deadline = __import__("time").time() + 60
+    while count("499") < before + 3 and __import__("time").time() < deadline:
+        __import__("time").sleep(0.5)
+    assert count("499") == before + 3 and count("500") == errors
+
+
+def test_unset_sampling_fields_default_to_the_served_models_generation_config(tiny_model_dir):
+    from cmevlm.config import load_config
+    from cmevlm.serve.app import generation_config
+    from cmevlm.serve.requests import generation_params, sampling_defaults
+    from cmevlm.serve.schemas import ChatRequest
+
+    cfg = load_config(overrides=[f"serve.model={tiny_model_dir}"])
+    defaults = sampling_defaults(generation_config(cfg, str(tiny_model_dir)))  # the real repo's file: 0.1 / 0.001 / top_k 1
+    req = ChatRequest.model_validate({"messages": [{"role": "user", "content": "x"}]})
+    p = generation_params(req, cfg, defaults)
+    assert (p["temperature"], p["top_p"], p["top_k"]) == (0.1, 0.001, 1)
+    given = generation_params(ChatRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "temperature": 0.8, "top_p": 0.9}),
+                              cfg, defaults)
+    assert (given["temperature"], given["top_p"], given["top_k"]) == (0.8, 0.9, 1)
+    assert generation_params(req, cfg, sampling_defaults(None))["temperature"] == 1.0  # OpenAI's, as serve.sampling_defaults=openai

@@ -10,11 +10,68 @@ images' patches concatenated in order.
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass, field
 from typing import Callable
 
+from transformers.generation.logits_process import LogitsProcessor
+from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from cmevlm.model.generate import Setting
+
+
+@dataclass
+class RowControl:
+    """What one request of a batch asks of its own row: its stop strings, and a flag set when
+    its client went away (the row then stops at the next decode step)."""
+
+    stop: tuple[str, ...] = ()
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class RowStops(StoppingCriteria):
+    """Per row of a batch: done once its request is cancelled, or once its text holds one of its
+    stop strings; the other rows go on (transformers ends rows one by one)."""
+
+    def __init__(self, tok, rows: list[RowControl], prompt_len: int):
+        self.tok, self.rows, self.prompt_len = tok, rows, prompt_len
+        self.tail = [max((len(x) for x in r.stop), default=0) + 8 for r in rows]  # tokens: each is at least a character
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, r in enumerate(self.rows):
+            if r.cancelled.is_set():
+                done[i] = True
+            elif r.stop:
+                text = self.tok.decode(input_ids[i, self.prompt_len:][-self.tail[i]:], skip_special_tokens=True)
+                done[i] = any(x in text for x in r.stop)
+        return done
+
+
+class Penalties(LogitsProcessor):
+    """OpenAI's frequency and presence penalties over the tokens generated so far: a token's
+    logit less frequency x its count and presence x (count > 0)."""
+
+    def __init__(self, frequency: float, presence: float, prompt_len: int):
+        self.frequency, self.presence, self.prompt_len = frequency, presence, prompt_len
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        new = input_ids[:, self.prompt_len:]
+        if new.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, new, torch.ones_like(new, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """(the text before its first stop string, whether one was found)."""
+    hits = [text.find(x) for x in stop if x in text]
+    return (text[:min(hits)], True) if hits else (text, False)
 
 
 def prepare(processor, conversation: list[dict], images: list) -> dict:
@@ -85,21 +142,33 @@ class RowStreamer(BaseStreamer):
 
 
 def generate_prepared(model, tok, prepared: list[dict], max_new_tokens: int, setting: Setting,
-                      sinks: list[Callable] | None = None) -> list[tuple[str, int, int]]:
-    """(text, new tokens, prompt tokens) per prepared request, generated as one batch with every
-    decoding setting stated (cmevlm.model.generate.Setting); `sinks` receive the streamed pieces."""
+                      sinks: list[Callable] | None = None, rows: list[RowControl] | None = None, min_p: float = 0.0,
+                      penalties: tuple[float, float] = (0.0, 0.0), ignore_eos: bool = False) -> list[tuple[str, int, int, str]]:
+    """(text, new tokens, prompt tokens, finish reason) per prepared request, generated as one
+    batch with every decoding setting stated (cmevlm.model.generate.Setting; min_p, OpenAI's
+    penalties, ignore_eos); `sinks` receive the streamed pieces; `rows` carry each request's
+    stop strings and cancel flag. The finish reason is stop, length or cancelled."""
     import torch
 
     inputs = {k: v.to(model.device) for k, v in collate(prepared, tok.pad_token_id).items()}
+    width = inputs["input_ids"].shape[1]
+    rows = rows or [RowControl() for _ in prepared]
+    extra = {"stopping_criteria": [RowStops(tok, rows, width)], **({"min_p": min_p} if min_p else {})}
+    if any(penalties):
+        extra["logits_processor"] = [Penalties(*penalties, width)]
+    if ignore_eos:
+        extra["min_new_tokens"] = max_new_tokens
     setting.seed_torch()
     streamer = RowStreamer(tok, sinks) if sinks else None
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, streamer=streamer,
-                             **setting.kwargs())
-    new = out[:, inputs["input_ids"].shape[1]:]
+                             **setting.kwargs(), **extra)
+    return [_result(tok, row, p, r, max_new_tokens) for row, p, r in zip(out[:, width:].tolist(), prepared, rows)]
+
+
+def _result(tok, row: list[int], prepared: dict, control: RowControl, max_new_tokens: int) -> tuple[str, int, int, str]:
     stops = stop_ids(tok)
-    results = []
-    for row, p in zip(new.tolist(), prepared):
-        n = next((i for i, t in enumerate(row) if t in stops), len(row))
-        results.append((tok.decode(row[:n], skip_special_tokens=True).strip(), n, int(p["input_ids"].shape[1])))
-    return results
+    n = next((i for i, t in enumerate(row) if t in stops), len(row))
+    text, stopped = cut_at_stop(tok.decode(row[:n], skip_special_tokens=True).strip(), control.stop)
+    reason = "cancelled" if control.cancelled.is_set() else "stop" if stopped or n < max_new_tokens else "length"
+    return text, n, int(prepared["input_ids"].shape[1]), reason

@@ -24,19 +24,20 @@ keys refuses to start.
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
 from cmevlm.config import RunConfig, load_config
 from cmevlm.serve.requests import (BadRequest, chat_conversation, check_bind, check_key, check_length, explain_inputs,
-                                   generation_params, parse, read_body, serving_keys)
-from cmevlm.serve.schemas import ChatRequest, ExplainRequest
+                                   generation_params, parse, read_body, sampling_defaults, serving_keys)
+from cmevlm.serve.schemas import MAX_SEED, ChatRequest, ExplainRequest, unknown_fields
 from cmevlm.serve.sse import sse_chunks
 
 log = logging.getLogger("cmevlm.serve")
@@ -70,21 +71,56 @@ class Job:
 
     rid: str
     prepared: dict  # model inputs of this request alone (cmevlm.model.streaming.prepare)
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
+    p: dict  # its generation parameters (cmevlm.serve.requests.generation_params)
+    seed: int | None  # None: any fresh seed (the request gave none)
+    control: object  # cmevlm.model.streaming.RowControl: its stop strings and cancel flag
     sink: Callable | None = None  # receives the streamed pieces, then None
     enqueued: float = field(default_factory=time.time)
+
+    def group(self) -> tuple:
+        """What one generate call must share: every sampling setting, and the seed when given."""
+        p = self.p
+        return (p["temperature"], p["top_p"], p["top_k"], p["min_p"], p["penalties"], p["ignore_eos"], p["max_tokens"], self.seed)
 
 
 class GenerationFailed(Exception):
     pass
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    kind = {401: "authentication_error", 413: "request_too_large", 500: "server_error"}.get(status, "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+class ClientGone(Exception):
+    """The client disconnected before its answer: its rows were stopped (499 in /metrics)."""
+
+
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable"}
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    """An error in OpenAI's shape, whatever the status."""
+    body = {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+@api.exception_handler(404)
+@api.exception_handler(405)
+async def _http_error(request: Request, exc):
+    """Unknown paths and methods in OpenAI's error shape, not FastAPI's {"detail": ...}."""
+    return _error(exc.status_code, f"{request.method} {request.url.path}: {getattr(exc, 'detail', '') or 'not found'}")
+
+
+def _cancel(jobs: list) -> None:
+    for j in jobs:
+        j.control.cancelled.set()
+
+
+def generation_config(cfg: RunConfig, model_uri: str) -> dict | None:
+    """The served model's generation_config.json (its sampling defaults), or None."""
+    import json
+
+    from cmevlm.storage import Storage, join
+
+    st, uri = Storage(cfg.storage), join(model_uri, "generation_config.json")
+    return json.loads(st.read_text(uri)) if st.exists(uri) else None
 
 
 def openapi_schema() -> dict:
@@ -137,6 +173,8 @@ class VLMServer:
         self.geometry = image_geometry(self.cfg, model_uri)  # every image is brought to it (requests.py)
         self.generate_batch.set_max_batch_size(s.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.defaults = sampling_defaults(generation_config(self.cfg, model_uri) if s.sampling_defaults == "model" else None)
+        self.unknown_seen: set[str] = set()
         self.ready = True
 
     # -- batching ---------------------------------------------------------------------------
@@ -155,15 +193,16 @@ class VLMServer:
         out: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
-            groups.setdefault((j.temperature, j.top_p, j.max_tokens), []).append(i)
-        for (temp, top_p, max_tokens), idx in groups.items():
+            groups.setdefault(j.group(), []).append(i)
+        for (temp, top_p, top_k, min_p, penalties, ignore_eos, max_tokens, seed), idx in groups.items():
             group = [jobs[i] for i in idx]
             penalty = self.cfg.model.repetition_penalty
-            sampling = Setting(temp, top_p, group[0].seed, repetition_penalty=penalty) if temp > 0 else Setting.greedy(penalty)
+            seed = secrets.randbits(63) if seed is None else seed  # reproducible only when the request gave one
+            sampling = Setting(temp, top_p, seed, top_k, repetition_penalty=penalty) if temp > 0 else Setting.greedy(penalty)
             sinks = [j.sink or (lambda piece: None) for j in group] if any(j.sink for j in group) else None
             try:
                 res = await asyncio.to_thread(generate_prepared, self.model, self.processor.tokenizer, [j.prepared for j in group],
-                                              max_tokens, sampling, sinks)
+                                              max_tokens, sampling, sinks, [j.control for j in group], min_p, penalties, ignore_eos)
             except Exception as e:
                 log.exception("generation failed for the batch of requests %s", sorted({j.rid for j in group}))
                 res = [GenerationFailed(f"generation failed ({type(e).__name__}); request {j.rid}") for j in group]
@@ -187,25 +226,51 @@ class VLMServer:
         return prepared
 
     def _jobs(self, rid: str, prepared: dict, p: dict) -> list[Job]:
-        seeds = [p["seed"] if p["seed"] is not None else k for k in range(p["n"])]
-        return [Job(rid, prepared, p["max_tokens"], p["temperature"], p["top_p"], seed) for seed in seeds]
+        """One job per choice: a given seed s makes choices s, s+1, ... (each reproducible)."""
+        from cmevlm.model.streaming import RowControl
 
-    async def _answer(self, jobs: list[Job]) -> list[tuple[str, int, int]]:
-        results = await asyncio.gather(*[self.generate_batch(j) for j in jobs])
+        return [Job(rid, prepared, p, None if p["seed"] is None else (p["seed"] + k) % (MAX_SEED + 1), RowControl(p["stop"]))
+                for k in range(p["n"])]
+
+    async def _answer(self, jobs: list[Job], request: Request | None = None) -> list[tuple]:
+        """Every job's result; when the client goes away first, its rows are stopped (ClientGone)."""
+        work = asyncio.ensure_future(asyncio.gather(*[self.generate_batch(j) for j in jobs]))
+        while request is not None and not work.done():
+            await asyncio.wait([work], timeout=0.25)
+            if not work.done() and await request.is_disconnected():
+                _cancel(jobs)
+                await asyncio.wait([work], timeout=30)
+                raise ClientGone()
+        results = await work
         failed = next((r for r in results if isinstance(r, GenerationFailed)), None)
         if failed:
             raise failed
         return results
 
-    def _stream(self, jobs: list[Job], rid: str, created: int, include_usage: bool, t0: float):
-        """Attach a sink to every job and return the SSE generator that forwards their pieces."""
+    def _stream(self, jobs: list[Job], rid: str, created: int, p: dict, t0: float):
+        """Attach a sink to every job and return the SSE generator that forwards their pieces
+        (closed early by a client that went away: its rows are stopped)."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for i, j in enumerate(jobs):
             j.sink = lambda piece, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, piece))
         task = asyncio.ensure_future(asyncio.gather(*[self.generate_batch(j) for j in jobs]))
-        return sse_chunks(rid, created, self.cfg.serve.name, len(jobs), queue, task, include_usage,
-                          on_first=lambda: METRICS["ttft"].observe(time.time() - t0), max_tokens=jobs[0].max_tokens)
+        events = sse_chunks(rid, created, self.cfg.serve.name, len(jobs), queue, task, p["include_usage"],
+                            on_first=lambda: METRICS["ttft"].observe(time.time() - t0), stop=p["stop"],
+                            continuous=p["continuous_usage"], prompt_tokens=int(jobs[0].prepared["input_ids"].shape[1]))
+
+        async def guarded():
+            status = "499"  # unless it ends: the client went away mid-stream
+            try:
+                async for e in events:
+                    yield e
+                status = "200"
+            finally:
+                if status == "499":
+                    _cancel(jobs)
+                METRICS["requests"].labels("chat", status).inc()
+
+        return guarded()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -214,35 +279,57 @@ class VLMServer:
         a 500 with the request id, and the status really answered in /metrics. (Checks live
         here, not in route dependencies or middleware: Serve ships this class to replicas with
         copies of module globals.)"""
-        t0, status = time.time(), 500
+        t0, status, streamed = time.time(), 500, False
         try:
             if key:
                 check_key(request.headers.get("authorization"), self.keys)
             response = await handler()
-            status = getattr(response, "status_code", 200)
+            status, streamed = getattr(response, "status_code", 200), isinstance(response, StreamingResponse)
             return response
         except BadRequest as e:
             status = e.status
-            return _error(e.status, e.message)
+            return _error(e.status, e.message, e.param, e.code)
+        except ClientGone:
+            status = 499  # nginx's "client closed request": nobody reads this answer
+            return Response(status_code=499)
         except GenerationFailed as e:
             return _error(500, str(e))
         finally:
-            METRICS["requests"].labels(endpoint, str(status)).inc()
+            if not streamed:  # a stream counts itself when it ends (200, or 499 when its client went away)
+                METRICS["requests"].labels(endpoint, str(status)).inc()
             METRICS["latency"].labels(endpoint).observe(time.time() - t0)
 
     # -- endpoints --------------------------------------------------------------------------
 
     @api.get("/healthz")
+    @api.get("/health")  # vLLM's name; guidellm probes it
     async def healthz(self, request: Request):
         async def handle():
             return {"status": "ok", "model": self.cfg.serve.name} if getattr(self, "ready", False) else JSONResponse({"status": "loading"}, 503)
 
         return await self._guarded(request, "healthz", handle, key=False)
 
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "cmevlm", "max_model_len": self.cfg.serve.max_model_len}
+
+    def _check_model(self, name: str | None) -> None:
+        """A request naming another model is a 404 (model_not_found), as OpenAI answers it."""
+        s = self.cfg.serve
+        if name is not None and name not in (s.name, *s.model_aliases):
+            raise BadRequest(404, f"The model `{name}` does not exist: this server serves `{s.name}`", param="model", code="model_not_found")
+
     @api.get("/v1/models")
     async def models(self, request: Request):
         async def handle():
-            return {"object": "list", "data": [{"id": self.cfg.serve.name, "object": "model", "created": 0, "owned_by": "cmevlm"}]}
+            return {"object": "list", "data": [self._model_card(self.cfg.serve.name)]}
+
+        return await self._guarded(request, "models", handle)
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, request: Request, model_id: str):
+        async def handle():
+            self._check_model(model_id)
+            return self._model_card(model_id)
 
         return await self._guarded(request, "models", handle)
 
@@ -282,26 +369,35 @@ class VLMServer:
 
     async def _chat(self, request: Request, t0: float):
         req = parse(ChatRequest, await read_body(request, self.cfg.serve.max_body_bytes))
+        self._check_model(req.model)
+        self._warn_unknown(unknown_fields(req))
         if self.cfg.serve.log_requests:  # off by default: patient data stays out of logs
             log.info("chat request: %s", [m.content if isinstance(m.content, str) else [getattr(x, "text", "<image>") for x in m.content]
                                           for m in req.messages])
-        p = generation_params(req, self.cfg)
+        p = generation_params(req, self.cfg, self.defaults)
         conv, images = await asyncio.to_thread(chat_conversation, req, self.cfg, self.geometry)
         prepared = await asyncio.to_thread(self._prepare, conv, images, p["max_tokens"])
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         jobs = self._jobs(rid, prepared, p)
         if p["stream"]:
-            return StreamingResponse(self._stream(jobs, rid, created, p["include_usage"], t0), media_type="text/event-stream")
-        results = await self._answer(jobs)
+            return StreamingResponse(self._stream(jobs, rid, created, p, t0), media_type="text/event-stream")
+        results = await self._answer(jobs, request)
         prompt_tokens, completion = results[0][2], sum(r[1] for r in results)
         METRICS["tokens"].labels("prompt").inc(prompt_tokens)
         METRICS["tokens"].labels("completion").inc(completion)
         return {
-            "id": rid, "object": "chat.completion", "created": created, "model": self.cfg.serve.name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "length" if n >= p["max_tokens"] else "stop"} for i, (text, n, _) in enumerate(results)],
+            "id": rid, "object": "chat.completion", "created": created, "model": req.model or self.cfg.serve.name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+                        for i, (text, _, _, reason) in enumerate(results)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion},
         }
+
+    def _warn_unknown(self, names: list[str]) -> None:
+        """Unknown request fields are ignored; each name is logged once per replica."""
+        new = [n for n in names if n not in self.unknown_seen]
+        if new:
+            self.unknown_seen.update(new)
+            log.warning("ignored unknown request fields: %s", ", ".join(new))
 
     @api.post("/v1/explain", openapi_extra=_body(ExplainRequest))
     async def explain(self, request: Request):
@@ -312,7 +408,7 @@ class VLMServer:
         p = generation_params(req, self.cfg)
         conv, composite = await asyncio.to_thread(explain_inputs, req, self.cfg, self.geometry)
         prepared = await asyncio.to_thread(self._prepare, conv, [composite], p["max_tokens"])
-        (text, n, prompt_tokens), = await self._answer(self._jobs(f"explain-{uuid.uuid4().hex[:24]}", prepared, p))
+        (text, n, prompt_tokens, _), = await self._answer(self._jobs(f"explain-{uuid.uuid4().hex[:24]}", prepared, p), request)
         METRICS["tokens"].labels("prompt").inc(prompt_tokens)
         METRICS["tokens"].labels("completion").inc(n)
         return {"answer": text, "structure": req.structure, "laterality": req.laterality, "model": self.cfg.serve.name,

@@ -31,23 +31,35 @@ KEYS_ENV = "CMEVLM_API_KEYS"
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
+    """A client error, answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 # ---------------------------------------------------------------------------------------------
 # Who may call
 
 
+MIN_KEY_CHARS = 16
+
+
 def serving_keys(cfg: RunConfig) -> list[str]:
-    """serve.api_keys, else CMEVLM_API_KEYS (comma-separated, from a Secret on a cluster)."""
-    return cfg.serve.api_keys or [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    """serve.api_keys, else CMEVLM_API_KEYS (comma-separated, from a Secret on a cluster);
+    a key shorter than MIN_KEY_CHARS refuses to start (it could be guessed)."""
+    keys = cfg.serve.api_keys or [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    short = [k for k in keys if len(k) < MIN_KEY_CHARS]
+    if short:
+        raise ConfigError(f"{len(short)} API key(s) shorter than {MIN_KEY_CHARS} characters: use long random keys "
+                          "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return keys
 
 
 def check_bind(cfg: RunConfig) -> None:
     """A non-loopback bind without keys would serve patient images to anyone who can connect."""
-    if cfg.serve.host not in LOOPBACK and not serving_keys(cfg):
+    keys = serving_keys(cfg)  # also refuses short keys, before anything starts
+    if cfg.serve.host not in LOOPBACK and not keys:
         raise ConfigError(f"serve.host={cfg.serve.host} accepts connections from other machines: set API keys "
                           f"(serve.api_keys or {KEYS_ENV}) or bind 127.0.0.1")
 
@@ -56,7 +68,8 @@ def check_key(header: str | None, keys: list[str]) -> None:
     """401 unless the bearer token is one of `keys` (constant-time comparison with each)."""
     if not keys:
         return
-    token = header[7:].strip() if header and header.startswith("Bearer ") else ""
+    scheme, _, token = (header or "").strip().partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""  # the scheme is case-insensitive (RFC 7235)
     ok = False
     for k in keys:  # every key compared, so the time does not tell which one nearly matched
         ok |= hmac.compare_digest(token.encode(), k.encode())
@@ -111,18 +124,68 @@ def parse(model: type[BaseModel], raw: bytes):
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()):
             raise BadRequest(400, f"body is not valid JSON: {e.errors()[0]['msg']}") from None
-        raise BadRequest(400, error_message(e)) from None
+        loc = e.errors()[0]["loc"] if e.errors() else ()
+        raise BadRequest(400, error_message(e), param=".".join(str(x) for x in loc) or None) from None
 
 
-def generation_params(req: ChatRequest | ExplainRequest, cfg: RunConfig) -> dict:
+GREEDY_BELOW = 1e-5  # a temperature below it decodes greedily (as vLLM's _SAMPLING_EPS)
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+def sampling_defaults(generation_config: dict | None) -> dict:
+    """A request's sampling defaults: the served model's generation_config.json where it sets
+    them (vLLM does the same), else OpenAI's; greedy when the file says do_sample: false."""
+    g = generation_config or {}
+    out = {k: g.get(k, v) for k, v in OPENAI_DEFAULTS.items()}
+    if g.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def not_supported(req: ChatRequest) -> None:
+    """What this server refuses rather than ignores: a client relying on it would be misled."""
+    if req.tools or req.tool_choice not in (None, "none"):
+        raise BadRequest(400, "tools and tool_choice are not supported: this model is not trained to call tools", param="tools")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise BadRequest(400, f"response_format {req.response_format.type} is not supported by this server", param="response_format")
+    if req.logprobs or req.top_logprobs:
+        raise BadRequest(400, "logprobs are not supported by this server", param="logprobs")
+
+
+def generation_params(req: ChatRequest | ExplainRequest, cfg: RunConfig, defaults: dict | None = None) -> dict:
     s = cfg.serve
     max_tokens = req.max_tokens or getattr(req, "max_completion_tokens", None) or min(s.default_max_tokens, s.max_tokens_cap)
     if max_tokens > s.max_tokens_cap:
-        raise BadRequest(400, f"max_tokens {max_tokens} exceeds the cap of {s.max_tokens_cap}")
-    chat = isinstance(req, ChatRequest)
-    return {"max_tokens": max_tokens, "temperature": float(req.temperature) if chat else 0.0, "top_p": float(req.top_p) if chat else 1.0,
-            "n": req.n if chat else 1, "seed": req.seed if chat else None, "stream": req.stream if chat else False,
-            "include_usage": bool(chat and req.stream_options and req.stream_options.include_usage)}
+        raise BadRequest(400, f"max_tokens {max_tokens} exceeds the cap of {s.max_tokens_cap}", param="max_tokens")
+    if not isinstance(req, ChatRequest):
+        return {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "n": 1, "seed": None,
+                "stop": (), "penalties": (0.0, 0.0), "ignore_eos": False, "stream": False, "include_usage": False, "continuous_usage": False}
+    not_supported(req)
+    d = {**OPENAI_DEFAULTS, **(defaults or {})}
+    temperature = float(d["temperature"] if req.temperature is None else req.temperature)
+    so = req.stream_options
+    return {"max_tokens": max_tokens, "temperature": 0.0 if temperature < GREEDY_BELOW else temperature,
+            "top_p": float(d["top_p"] if req.top_p is None else req.top_p), "top_k": max(0, d["top_k"] if req.top_k is None else req.top_k),
+            "min_p": float(d["min_p"] if req.min_p is None else req.min_p), "n": req.n, "seed": req.seed,
+            "stop": tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
+            "penalties": (float(req.frequency_penalty), float(req.presence_penalty)), "ignore_eos": req.ignore_eos,
+            "stream": req.stream, "include_usage": bool(so and (so.include_usage or so.continuous_usage_stats)),
+            "continuous_usage": bool(so and so.continuous_usage_stats)}
+
+
+MAX_CHARS_PER_TOKEN = 16  # no real text averages more characters per token (Qwen2's merges are shorter)
+
+
+def check_text_size(req: ChatRequest, cfg: RunConfig) -> None:
+    """The text of a request, bounded in characters before anything is tokenized: more than
+    serve.max_model_len x MAX_CHARS_PER_TOKEN characters cannot fit the context (a 10 MB system
+    string is a 400 at once, not 40 s of tokenizer)."""
+    chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(getattr(p, "text", "")) for p in m.content or [])
+                for m in req.messages)
+    most = cfg.serve.max_model_len * MAX_CHARS_PER_TOKEN
+    if chars > most:
+        raise BadRequest(400, f"the messages hold {chars} characters: more than serve.max_model_len {cfg.serve.max_model_len} "
+                              f"tokens can hold ({most})", param="messages")
 
 
 def check_length(prompt_tokens: int, max_tokens: int, cfg: RunConfig) -> None:
@@ -166,16 +229,16 @@ def chat_conversation(req: ChatRequest, cfg: RunConfig, geometry: tuple[int, str
     number is known to be within serve.max_images_per_request, each brought to the square the
     model was trained on (`geometry`: side, pad|crop), so its image tokens are what the plan
     sized whatever the frame's size (serve.max_image_pixels only bounds decoding)."""
-    parts = [p for m in req.messages if not isinstance(m.content, str) for p in m.content]
+    parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content]
+    check_text_size(req, cfg)
     n_images = sum(p.type == "image_url" for p in parts)
-    if n_images == 0:
-        raise BadRequest(400, "the request has no image: send the frame as an image_url data URI")
     if n_images > cfg.serve.max_images_per_request:
         raise BadRequest(400, f"{n_images} images in one request; serve.max_images_per_request is {cfg.serve.max_images_per_request}")
     conv, images = [], []
     for i, m in enumerate(req.messages):
-        if isinstance(m.content, str):
-            conv.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
+        role = "system" if m.role == "developer" else m.role
+        if not isinstance(m.content, list):
+            conv.append({"role": role, "content": [{"type": "text", "text": m.content or ""}]})
             continue
         content = []
         for j, part in enumerate(m.content):
@@ -185,7 +248,7 @@ def chat_conversation(req: ChatRequest, cfg: RunConfig, geometry: tuple[int, str
                 img = decode_b64_image(part.image_url.url, cfg.serve.max_image_pixels, f"messages.{i}.content.{j}")
                 images.append(fit_image(img, *geometry))
                 content.append({"type": "image"})
-        conv.append({"role": m.role, "content": content})
+        conv.append({"role": role, "content": content})
     return conv, images
 
 

@@ -1,16 +1,17 @@
 """Typed requests of the serving endpoint, following the OpenAI chat schema where it applies.
 
-Every field is strict (a string is not a number, `true` is not an integer, `"false"` is not a
-boolean) and unknown fields are refused: a wrong request is a 400 that names the field, never a
-500. Limits that depend on the deployment (max tokens, images per request, n) are checked
-against `serve:` after parsing, in cmevlm.serve.requests.
+Every known field is strict (a string is not a number, `true` is not an integer, `"false"` is
+not a boolean): a wrong request is a 400 that names the field, never a 500. Unknown fields are
+ignored and logged once by name, as vLLM's OpenAI server does (clients send fields of newer API
+versions). Limits that depend on the deployment (max tokens, images per request, n, the text
+length) are checked against `serve:` after parsing, in cmevlm.serve.requests.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes any 64-bit value; OpenAI's seed is an integer
 MAX_N = 8  # choices per request (each is a generation)
@@ -20,6 +21,13 @@ MAX_TEXT = 32_000  # characters of one text part
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Open(BaseModel):
+    """A request object of OpenAI's schema: known fields strict, unknown ones kept aside
+    (`model_extra`) to be logged and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class ImageURL(_Strict):
@@ -40,32 +48,57 @@ class ImagePart(_Strict):
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
-class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Union[StrictStr, Annotated[list[Part], Field(min_length=1, max_length=16)]]
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: Union[StrictStr, Annotated[list[Part], Field(min_length=1, max_length=16)], None]
     name: StrictStr | None = None
 
+    @model_validator(mode="after")
+    def _content_only_empty_for_assistant(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: only an assistant message may have null content, not a {self.role} one")
+        return self
 
-class StreamOptions(_Strict):
+
+class StreamOptions(_Open):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # usage in every chunk (vLLM's extension; guidellm sends it)
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
 
 
 Number = Union[StrictInt, StrictFloat]
+Stop = Union[StrictStr, Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=256)]], Field(max_length=4)], None]
 
 
-class ChatRequest(_Strict):
-    """POST /v1/chat/completions."""
+class ChatRequest(_Open):
+    """POST /v1/chat/completions. Sampling defaults (None here) come from the served model's
+    generation_config.json, else OpenAI's (cmevlm.serve.requests.generation_params)."""
 
     model: StrictStr | None = None
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number = Field(0.0, ge=0, le=2)
-    top_p: Number = Field(1.0, gt=0, le=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=-1, description="-1 or 0: no top-k filter (vLLM's extension).")
+    min_p: Number | None = Field(None, ge=0, le=1)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    stop: Stop = None
+    ignore_eos: StrictBool = False
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list | None = None
+    tool_choice: Union[StrictStr, dict, None] = None
+    store: StrictBool | None = None
     user: StrictStr | None = None
 
 
@@ -78,6 +111,16 @@ class ExplainRequest(_Strict):
     structure: StrictStr | None = Field(None, max_length=100, description="Echoed in the response.")
     laterality: Literal["left", "right"] | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
+
+
+def unknown_fields(req: BaseModel, prefix: str = "") -> list[str]:
+    """The dotted names of the fields a request carried that this server does not know."""
+    names = [prefix + k for k in (req.model_extra or {})]
+    for k, v in req:
+        for item in (v if isinstance(v, list) else [v]):
+            if isinstance(item, _Open):
+                names += unknown_fields(item, f"{prefix}{k}.")
+    return sorted(set(names))
 
 
 def error_message(exc) -> str:
