@@ -283,3 +283,13 @@ def test_unset_sampling_fields_default_to_the_served_models_generation_config(ti
                               cfg, defaults)
     assert (given["temperature"], given["top_p"], given["top_k"]) == (0.8, 0.9, 1)
     assert generation_params(req, cfg, sampling_defaults(None))["temperature"] == 1.0  # OpenAI's, as serve.sampling_defaults=openai
+
+
+def test_legacy_completions_take_a_prompt_as_it_is(server):
+    c = _client(server)
+    r = c.completions.create(model="cmevlm", prompt="The pancreas lies", max_tokens=5, temperature=1.0, seed=4)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 0
+    again = c.completions.create(model="cmevlm", prompt="The pancreas lies", max_tokens=5, temperature=1.0, seed=4)
+    assert again.choices[0].text == r.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        c.completions.create(model="cmevlm", prompt="x", max_tokens=2, echo=True)

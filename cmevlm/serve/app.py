@@ -13,9 +13,10 @@ ids. Replicas autoscale between serve.min_replicas and serve.max_replicas; on a 
 takes a GPU of the serving pool. /v1/explain builds the composite with the ingest overlay
 code, so what the model sees in the clinic is what it learned from.
 
-Endpoints: POST /v1/chat/completions, POST /v1/explain, GET /v1/models, GET /metrics
-(Prometheus; a key unless serve.public_metrics), GET /openapi.json and /docs (only with
-serve.docs), GET /healthz (no key: ready once the model is loaded). Every other endpoint needs
+Endpoints: POST /v1/chat/completions, POST /v1/completions (legacy, text only), POST
+/v1/explain, GET /v1/models and /v1/models/{id}, GET /metrics (Prometheus; a key unless
+serve.public_metrics), GET /openapi.json and /docs (only with serve.docs), GET /healthz and
+/health (no key: ready once the model is loaded). Errors are OpenAI's shape. Every other endpoint needs
 a key (`Authorization: Bearer ...`) whenever keys are set, and a non-loopback bind without
 keys refuses to start.
 """
@@ -35,9 +36,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from ray import serve
 
 from cmevlm.config import RunConfig, load_config
-from cmevlm.serve.requests import (BadRequest, chat_conversation, check_bind, check_key, check_length, explain_inputs,
-                                   generation_params, parse, read_body, sampling_defaults, serving_keys)
-from cmevlm.serve.schemas import MAX_SEED, ChatRequest, ExplainRequest, unknown_fields
+from cmevlm.serve.requests import (BadRequest, chat_conversation, check_bind, check_key, check_length, check_prompt_size,
+                                   explain_inputs, generation_params, parse, read_body, sampling_defaults, serving_keys)
+from cmevlm.serve.schemas import MAX_SEED, ChatRequest, CompletionRequest, ExplainRequest, unknown_fields
 from cmevlm.serve.sse import sse_chunks
 
 log = logging.getLogger("cmevlm.serve")
@@ -131,7 +132,7 @@ def openapi_schema() -> dict:
     if api.openapi_schema is None:
         schema = get_openapi(title=api.title, version="1", description=api.description, routes=api.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ChatRequest, ExplainRequest):
+        for model in (ChatRequest, CompletionRequest, ExplainRequest):
             s = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(s.pop("$defs", {}))
             components[model.__name__] = s
@@ -398,6 +399,26 @@ class VLMServer:
         if new:
             self.unknown_seen.update(new)
             log.warning("ignored unknown request fields: %s", ", ".join(new))
+
+    @api.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+    async def completions(self, request: Request):
+        return await self._guarded(request, "completions", lambda: self._complete(request))
+
+    async def _complete(self, request: Request):
+        """OpenAI's legacy completion: the prompt tokenized as it is, no template, no image."""
+        req = parse(CompletionRequest, await read_body(request, self.cfg.serve.max_body_bytes))
+        self._check_model(req.model)
+        self._warn_unknown(unknown_fields(req))
+        check_prompt_size(req.prompt, self.cfg)
+        p = generation_params(req, self.cfg, self.defaults)
+        prepared = dict(await asyncio.to_thread(self.processor.tokenizer, [req.prompt], return_tensors="pt"))
+        check_length(int(prepared["input_ids"].shape[1]), p["max_tokens"], self.cfg)
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        results = await self._answer(self._jobs(rid, prepared, p), request)
+        prompt_tokens, completion = results[0][2], sum(r[1] for r in results)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model or self.cfg.serve.name,
+                "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None} for i, (text, _, _, reason) in enumerate(results)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}}
 
     @api.post("/v1/explain", openapi_extra=_body(ExplainRequest))
     async def explain(self, request: Request):

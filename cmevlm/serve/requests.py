@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from cmevlm.config import RunConfig
 from cmevlm.data.composite import fit_image
 from cmevlm.errors import ConfigError
-from cmevlm.serve.schemas import ChatRequest, ExplainRequest, error_message
+from cmevlm.serve.schemas import ChatRequest, CompletionRequest, ExplainRequest, Sampling, error_message
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 KEYS_ENV = "CMEVLM_API_KEYS"
@@ -142,22 +142,27 @@ def sampling_defaults(generation_config: dict | None) -> dict:
     return out
 
 
-def not_supported(req: ChatRequest) -> None:
+def not_supported(req: Sampling) -> None:
     """What this server refuses rather than ignores: a client relying on it would be misled."""
-    if req.tools or req.tool_choice not in (None, "none"):
+    if getattr(req, "tools", None) or getattr(req, "tool_choice", None) not in (None, "none"):
         raise BadRequest(400, "tools and tool_choice are not supported: this model is not trained to call tools", param="tools")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise BadRequest(400, f"response_format {req.response_format.type} is not supported by this server", param="response_format")
-    if req.logprobs or req.top_logprobs:
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type != "text":
+        raise BadRequest(400, f"response_format {fmt.type} is not supported by this server", param="response_format")
+    if getattr(req, "logprobs", None) or getattr(req, "top_logprobs", None):
         raise BadRequest(400, "logprobs are not supported by this server", param="logprobs")
+    if getattr(req, "echo", False):
+        raise BadRequest(400, "echo is not supported by this server", param="echo")
+    if isinstance(req, CompletionRequest) and req.stream:
+        raise BadRequest(400, "stream is not supported on /v1/completions: use /v1/chat/completions", param="stream")
 
 
-def generation_params(req: ChatRequest | ExplainRequest, cfg: RunConfig, defaults: dict | None = None) -> dict:
+def generation_params(req: Sampling | ExplainRequest, cfg: RunConfig, defaults: dict | None = None) -> dict:
     s = cfg.serve
     max_tokens = req.max_tokens or getattr(req, "max_completion_tokens", None) or min(s.default_max_tokens, s.max_tokens_cap)
     if max_tokens > s.max_tokens_cap:
         raise BadRequest(400, f"max_tokens {max_tokens} exceeds the cap of {s.max_tokens_cap}", param="max_tokens")
-    if not isinstance(req, ChatRequest):
+    if not isinstance(req, Sampling):
         return {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "n": 1, "seed": None,
                 "stop": (), "penalties": (0.0, 0.0), "ignore_eos": False, "stream": False, "include_usage": False, "continuous_usage": False}
     not_supported(req)
@@ -186,6 +191,14 @@ def check_text_size(req: ChatRequest, cfg: RunConfig) -> None:
     if chars > most:
         raise BadRequest(400, f"the messages hold {chars} characters: more than serve.max_model_len {cfg.serve.max_model_len} "
                               f"tokens can hold ({most})", param="messages")
+
+
+def check_prompt_size(prompt: str, cfg: RunConfig) -> None:
+    """/v1/completions' prompt, bounded in characters as check_text_size bounds a chat."""
+    most = cfg.serve.max_model_len * MAX_CHARS_PER_TOKEN
+    if len(prompt) > most:
+        raise BadRequest(400, f"the prompt holds {len(prompt)} characters: more than serve.max_model_len "
+                              f"{cfg.serve.max_model_len} tokens can hold ({most})", param="prompt")
 
 
 def check_length(prompt_tokens: int, max_tokens: int, cfg: RunConfig) -> None:

@@ -73,14 +73,13 @@ Number = Union[StrictInt, StrictFloat]
 Stop = Union[StrictStr, Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=256)]], Field(max_length=4)], None]
 
 
-class ChatRequest(_Open):
-    """POST /v1/chat/completions. Sampling defaults (None here) come from the served model's
-    generation_config.json, else OpenAI's (cmevlm.serve.requests.generation_params)."""
+class Sampling(_Open):
+    """What a chat and a legacy completion request share. Sampling defaults (None here) come
+    from the served model's generation_config.json, else OpenAI's
+    (cmevlm.serve.requests.generation_params)."""
 
     model: StrictStr | None = None
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Number | None = Field(None, ge=0, le=2)
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=-1, description="-1 or 0: no top-k filter (vLLM's extension).")
@@ -93,13 +92,30 @@ class ChatRequest(_Open):
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+
+
+class ChatRequest(Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list | None = None
     tool_choice: Union[StrictStr, dict, None] = None
     store: StrictBool | None = None
-    user: StrictStr | None = None
+
+
+class CompletionRequest(Sampling):
+    """POST /v1/completions: OpenAI's legacy text completion, the prompt as it is (no chat
+    template, no image)."""
+
+    prompt: StrictStr
+    max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's legacy default
+    echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
 
 
 class ExplainRequest(_Strict):
