@@ -236,13 +236,15 @@ class VLMServer:
     async def _answer(self, jobs: list[Job], request: Request | None = None) -> list[tuple]:
         """Every job's result; when the client goes away first, its rows are stopped (ClientGone)."""
         work = asyncio.ensure_future(asyncio.gather(*[self.generate_batch(j) for j in jobs]))
-        while request is not None and not work.done():
-            await asyncio.wait([work], timeout=0.25)
-            if not work.done() and await request.is_disconnected():
-                _cancel(jobs)
-                await asyncio.wait([work], timeout=30)
-                raise ClientGone()
-        results = await work
+        try:
+            while request is not None and not work.done():
+                await asyncio.wait([work], timeout=0.25)
+                if not work.done() and await request.is_disconnected():
+                    raise ClientGone()
+            results = await asyncio.shield(work)
+        except (ClientGone, asyncio.CancelledError):  # gone: Serve's proxy cancels the handler, or the ASGI disconnect
+            _cancel(jobs)
+            raise
         failed = next((r for r in results if isinstance(r, GenerationFailed)), None)
         if failed:
             raise failed
@@ -293,6 +295,9 @@ class VLMServer:
         except ClientGone:
             status = 499  # nginx's "client closed request": nobody reads this answer
             return Response(status_code=499)
+        except asyncio.CancelledError:
+            status = 499  # Serve cancelled the handler: its client went away
+            raise
         except GenerationFailed as e:
             return _error(500, str(e))
         finally:
