@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import fcntl
 import io
 import json
 import os
@@ -31,14 +32,10 @@ from cmevlm.errors import MissingInput
 MANIFEST = "manifest.json"
 
 
-def _ends_with_newline(path: str) -> bool:
+def _ends_with_newline(fd: int) -> bool:
     """True for an empty file or one whose last byte is a newline."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() == 0:
-            return True
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+    size = os.fstat(fd).st_size
+    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -167,15 +164,16 @@ class Storage:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         created = not os.path.exists(path)
-        if not created and not _ends_with_newline(path):
-            data = b"\n" + data  # after a torn last line: start a line of our own, so the torn one costs only itself
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the look at the last byte and the write, one writer at a time
+            if not _ends_with_newline(fd):
+                data = b"\n" + data  # after a torn last line: start a line of our own, so the torn one costs only itself
             _write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         finally:
-            os.close(fd)
+            os.close(fd)  # (releases the lock)
         if fsync and created:
             dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
             try:

@@ -242,6 +242,11 @@ def test_short_api_keys_refuse_to_start(tiny_model_dir, capsys):
     assert "shorter than 16 characters" in capsys.readouterr().err
 
 
+def _metric(server, name) -> float:
+    text = urllib.request.urlopen(urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})).read().decode()
+    return float(next(x.split()[-1] for x in text.splitlines() if x.startswith(name + " ")))
+
+
 def test_a_client_that_goes_away_stops_its_generation_and_counts_499(server, frame_and_mask):
     import socket
 
@@ -266,7 +271,10 @@ def test_a_client_that_goes_away_stops_its_generation_and_counts_499(server, fra
     s = socket.create_connection(("127.0.0.1", port), timeout=60)  # and one that is not streamed, gone before its answer
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
-    __import__("time").sleep(0.3)  # it is being answered (8 x 64 tokens take seconds here)
+    queued = _metric(server, "cmevlm_queue_wait_seconds_count")
+    deadline = __import__("time").time() + 60
+    while _metric(server, "cmevlm_queue_wait_seconds_count") < queued + 8 and __import__("time").time() < deadline:
+        __import__("time").sleep(0.02)  # until its 8 choices are in a batch, being generated (8 x 64 tokens take seconds)
     s.close()
     r = _client(server).chat.completions.create(model="cmevlm", messages=_messages(_image_uri(frame_and_mask[0])), max_tokens=1)
     assert r.choices[0].finish_reason in ("stop", "length")

@@ -112,7 +112,7 @@ class CompletionRequest(Sampling):
     """POST /v1/completions: OpenAI's legacy text completion, the prompt as it is (no chat
     template, no image)."""
 
-    prompt: StrictStr
+    prompt: StrictStr = Field(min_length=1)  # an empty prompt leaves nothing to continue from
     max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's legacy default
     echo: StrictBool = False
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
