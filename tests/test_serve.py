@@ -242,18 +242,23 @@ def test_short_api_keys_refuse_to_start(tiny_model_dir, capsys):
     assert "shorter than 16 characters" in capsys.readouterr().err
 
 
+def _metrics_text(server) -> str:
+    return urllib.request.urlopen(urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})).read().decode()
+
+
 def _metric(server, name) -> float:
-    text = urllib.request.urlopen(urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})).read().decode()
-    return float(next(x.split()[-1] for x in text.splitlines() if x.startswith(name + " ")))
+    """One unlabelled series' value (0 when it is not there yet)."""
+    line = next((x for x in _metrics_text(server).splitlines() if x.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line else 0.0
 
 
 def test_a_client_that_goes_away_stops_its_generation_and_counts_499(server, frame_and_mask):
     import socket
 
+    from conftest import wait_for
+
     def count(status):
-        text = urllib.request.urlopen(urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})).read().decode()
-        line = next((x for x in text.splitlines() if x.startswith(f'cmevlm_requests_total{{endpoint="chat",status="{status}"}}')), None)
-        return float(line.split()[-1]) if line else 0.0
+        return _metric(server, f'cmevlm_requests_total{{endpoint="chat",status="{status}"}}')
 
     before, errors = count("499"), count("500")
     body = json.dumps({"messages": _messages(_image_uri(frame_and_mask[0])), "max_tokens": 64, "n": 8, "temperature": 1.0,
@@ -268,19 +273,16 @@ def test_a_client_that_goes_away_stops_its_generation_and_counts_499(server, fra
     unstreamed = json.loads(body)
     unstreamed["stream"] = False
     raw = json.dumps(unstreamed).encode()
+    queued = _metric(server, "cmevlm_queue_wait_seconds_count")
     s = socket.create_connection(("127.0.0.1", port), timeout=60)  # and one that is not streamed, gone before its answer
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
-    queued = _metric(server, "cmevlm_queue_wait_seconds_count")
-    deadline = __import__("time").time() + 60
-    while _metric(server, "cmevlm_queue_wait_seconds_count") < queued + 8 and __import__("time").time() < deadline:
-        __import__("time").sleep(0.02)  # until its 8 choices are in a batch, being generated (8 x 64 tokens take seconds)
+    # until its 8 choices are in a batch, being generated (8 x 64 tokens take seconds)
+    wait_for(lambda: _metric(server, "cmevlm_queue_wait_seconds_count") >= queued + 8, 60, poll_s=0.02)
     s.close()
     r = _client(server).chat.completions.create(model="cmevlm", messages=_messages(_image_uri(frame_and_mask[0])), max_tokens=1)
     assert r.choices[0].finish_reason in ("stop", "length")
-    deadline = __import__("time").time() + 60
-    while count("499") < before + 4 and __import__("time").time() < deadline:
-        __import__("time").sleep(0.5)
+    wait_for(lambda: count("499") >= before + 4, 60, poll_s=0.5)
     assert count("499") == before + 4 and count("500") == errors, (count("499"), count("200"), count("500"))
 
 
